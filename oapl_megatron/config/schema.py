@@ -1,0 +1,144 @@
+"""The typed configuration of an OAPL run: one section per component, composed into :class:`RunConfig`.
+
+Layering is defaults < YAML file < dotted command-line overrides (see :mod:`oapl_megatron.config.loader`).
+Cross-field checks that involve more than one section live in :meth:`RunConfig._check_consistency` and
+name the fields and the fix; validators never rewrite a user's value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from oapl_megatron.config.base import StrictModel
+
+
+class FP8Config(StrictModel):
+    """Transformer Engine FP8 settings (GPU only; needs ``model.transformer_impl=transformer_engine``)."""
+
+    enabled: bool = Field(False, description="Run linear layers in FP8 through Transformer Engine.")
+    format: Literal["hybrid", "e4m3"] = Field("hybrid", description="hybrid: e4m3 forward, e5m2 backward.")
+    recipe: Literal["delayed", "tensorwise", "blockwise"] = Field("delayed", description="Scaling recipe.")
+    amax_history_len: int = Field(1024, ge=1, le=65536, description="Delayed scaling: amax history length.")
+    amax_compute_algo: Literal["max", "most_recent"] = Field("max", description="Delayed scaling: amax reduction.")
+    first_last_layers_bf16: bool = Field(True, description="Keep the first/last N layers in bf16.")
+    num_layers_at_start_in_bf16: int = Field(1, ge=0, description="Layers kept in bf16 at the start.")
+    num_layers_at_end_in_bf16: int = Field(1, ge=0, description="Layers kept in bf16 at the end.")
+
+
+class ModelConfig(StrictModel):
+    """Which policy to build and how its layers are implemented."""
+
+    hf_path: str | None = Field(
+        None, description="Directory with a Hugging Face config.json (and weights/tokenizer); None for a built model."
+    )
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = Field(
+        "auto", description="Layer spec: auto = Transformer Engine on GPU when installed, local otherwise."
+    )
+    params_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Training dtype: auto = fp32 on CPU, bf16 on GPU."
+    )
+    fp8: FP8Config = Field(default_factory=FP8Config, description="FP8 settings (GPU + Transformer Engine).")
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Attention dropout probability.")
+    hidden_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Hidden dropout probability.")
+    recompute_activations: bool = Field(False, description="Full activation recomputation (memory for time).")
+
+    @model_validator(mode="after")
+    def _fp8_needs_te(self) -> "ModelConfig":
+        if self.fp8.enabled and self.transformer_impl == "local":
+            raise ValueError(
+                "model.fp8.enabled=true needs model.transformer_impl=transformer_engine (or auto on a GPU with "
+                "Transformer Engine installed); the local layer spec has no FP8 layers"
+            )
+        return self
+
+
+class ParallelConfig(StrictModel):
+    """Trainer parallelism. DP is derived: world_size / (tp * pp)."""
+
+    tp: int = Field(1, ge=1, le=64, description="Tensor-parallel size.")
+    pp: int = Field(1, ge=1, le=64, description="Pipeline-parallel size.")
+    vpp: int | None = Field(None, ge=2, description="Virtual pipeline chunks per stage (interleaved); None = off.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl with CUDA, gloo otherwise.")
+    timeout_s: float = Field(600.0, gt=0, description="Timeout of every trainer collective, seconds.")
+
+    @model_validator(mode="after")
+    def _vpp_needs_pp(self) -> "ParallelConfig":
+        if self.vpp is not None and self.pp < 2:
+            raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (got pp={self.pp})")
+        return self
+
+
+class SchedulerConfig(StrictModel):
+    """Learning-rate schedule: linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    decay_steps: int | None = Field(None, ge=1, description="Cosine decay length; None = the run's total steps.")
+    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Final lr as a fraction of optim.lr.")
+
+
+class OptimConfig(StrictModel):
+    """AdamW through megatron-core's (distributed) optimizer."""
+
+    lr: float = Field(1e-6, gt=0, le=1.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    clip_grad: float = Field(1.0, ge=0.0, description="Global gradient-norm clip; 0 disables.")
+    distributed: bool = Field(True, description="Shard optimizer state over DP (megatron DistributedOptimizer).")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="LR schedule.")
+
+
+class OAPLObjective(StrictModel):
+    """OAPL: squared regression of beta2 * sequence log-ratio onto the optimal advantage r - V*(x)."""
+
+    type: Literal["oapl"] = "oapl"
+    beta1: float = Field(1.0, gt=0, description="Temperature of the soft-max value estimate V*(x).")
+    beta2: float = Field(1e-3, gt=0, description="KL strength toward the lagged inference policy.")
+
+
+class GRPOObjective(StrictModel):
+    """GRPO baseline with importance sampling against the (lagged) inference policy."""
+
+    type: Literal["grpo"] = "grpo"
+    ratio: Literal["token", "sequence", "truncated"] = Field(
+        "token", description="token: clipped PPO ratio per token; sequence: clipped sequence ratio; truncated: TIS."
+    )
+    clip_eps: float = Field(0.2, gt=0, lt=1.0, description="PPO clip range (token and sequence ratios).")
+    tis_cap: float = Field(2.0, ge=1.0, description="Cap of the truncated importance weight.")
+    normalize_std: bool = Field(True, description="Divide group advantages by the group std.")
+
+
+class TrainConfig(StrictModel):
+    """Batch geometry and run length."""
+
+    steps: int = Field(100, ge=1, description="Optimizer steps to run.")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per optimizer step (global, over DP).")
+    samples_per_prompt: int = Field(8, ge=1, description="G: samples per prompt (the group).")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per micro-batch on one DP rank.")
+    seed: int = Field(1234, ge=0, description="Seed of every random generator of the run.")
+
+
+class RunConfig(StrictModel):
+    """The root config: one run of the trainer."""
+
+    run_dir: Path = Field(Path("runs/default"), description="Where logs, metrics and checkpoints go.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Trainer parallelism.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
+    objective: OAPLObjective | GRPOObjective = Field(
+        default_factory=OAPLObjective, discriminator="type", description="Training objective (type: oapl|grpo)."
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Batch geometry and run length.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "RunConfig":
+        if self.optim.scheduler.warmup_steps > self.train.steps:
+            raise ValueError(
+                f"optim.scheduler.warmup_steps={self.optim.scheduler.warmup_steps} exceeds "
+                f"train.steps={self.train.steps}; lower the warmup"
+            )
+        return self
