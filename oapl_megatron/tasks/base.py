@@ -1,0 +1,54 @@
+"""The task interface: where prompts come from and how a response is scored.
+
+A task yields :class:`Prompt` records (an endless, seeded training stream and a fixed evaluation list) and scores a
+response with :meth:`Task.reward`. Rollout code only needs this interface, so new tasks (math with a verifier, code
+with tests) plug in without touching it.
+
+    task = SyntheticArithmeticTask(SyntheticTaskConfig())
+    prompt = next(task.train_prompts(seed=0))
+    result = task.reward(prompt, decode_completion(tokenizer, output.token_ids))   # RewardResult(reward=1.0, ...)
+
+Convention for ``response_text``: the generated completion only (no prompt), decoded *with special tokens kept*
+(:func:`oapl_megatron.tasks.tokenizer.decode_completion`), so a completion that stopped on EOS ends with the
+tokenizer's EOS string and one cut at the length limit does not.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One problem. ``id`` is stable across runs (same problem → same id); ``answer`` is the reference answer."""
+
+    id: str
+    text: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """A scored response: ``reward`` is what the objective sees; ``info`` explains it (logged, never optimized)."""
+
+    reward: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(abc.ABC):
+    """A source of prompts with a verifiable reward."""
+
+    @abc.abstractmethod
+    def train_prompts(self, seed: int) -> Iterator[Prompt]:
+        """An endless, deterministic stream of training prompts for ``seed``; never yields an eval prompt."""
+
+    @abc.abstractmethod
+    def eval_prompts(self) -> list[Prompt]:
+        """The fixed held-out evaluation prompts (same list on every call and every run with the same config)."""
+
+    @abc.abstractmethod
+    def reward(self, prompt: Prompt, response_text: str) -> RewardResult:
+        """Score ``response_text`` (see the module docstring for its form) against ``prompt``."""
