@@ -1,0 +1,3 @@
+# Attack: infinite CPU loop; contained by RLIMIT_CPU (SIGXCPU) and the wall-clock limit.
+while True:
+    pass
