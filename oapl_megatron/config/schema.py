@@ -13,6 +13,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from oapl_megatron.config.base import StrictModel
+from oapl_megatron.config.loop import EvalConfig, ExportConfig, LoggingConfig, LoopConfig
+from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig
+from oapl_megatron.config.task import SyntheticTaskConfig
 
 
 class FP8Config(StrictModel):
@@ -23,9 +26,20 @@ class FP8Config(StrictModel):
     recipe: Literal["delayed", "tensorwise", "blockwise"] = Field("delayed", description="Scaling recipe.")
     amax_history_len: int = Field(1024, ge=1, le=65536, description="Delayed scaling: amax history length.")
     amax_compute_algo: Literal["max", "most_recent"] = Field("max", description="Delayed scaling: amax reduction.")
-    first_last_layers_bf16: bool = Field(True, description="Keep the first/last N layers in bf16.")
+    first_last_layers_bf16: bool = Field(
+        False, description="Keep the first/last N layers in bf16 (tensorwise/blockwise recipes only).")
     num_layers_at_start_in_bf16: int = Field(1, ge=0, description="Layers kept in bf16 at the start.")
     num_layers_at_end_in_bf16: int = Field(1, ge=0, description="Layers kept in bf16 at the end.")
+
+
+    @model_validator(mode="after")
+    def _bf16_layers_need_current_scaling(self) -> "FP8Config":
+        if self.first_last_layers_bf16 and self.recipe == "delayed":
+            raise ValueError(
+                "model.fp8.first_last_layers_bf16=true is not supported with model.fp8.recipe=delayed (megatron "
+                "keeps bf16 layers only for current-scaling recipes); use recipe=tensorwise or blockwise"
+            )
+        return self
 
 
 class ModelConfig(StrictModel):
@@ -133,9 +147,21 @@ class RunConfig(StrictModel):
         default_factory=OAPLObjective, discriminator="type", description="Training objective (type: oapl|grpo)."
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Batch geometry and run length.")
+    task: SyntheticTaskConfig = Field(default_factory=SyntheticTaskConfig, description="Prompts and rewards.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="vLLM engines and sampling.")
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="Trainer → engine sync.")
+    loop: LoopConfig = Field(default_factory=LoopConfig, description="Lag schedule and rollout buffer.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, TensorBoard, progress.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Final Hugging Face export.")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":
+        if self.loop.buffer_groups < self.train.prompts_per_step:
+            raise ValueError(
+                f"loop.buffer_groups={self.loop.buffer_groups} is smaller than train.prompts_per_step="
+                f"{self.train.prompts_per_step}: one step could never be filled; raise loop.buffer_groups"
+            )
         if self.optim.scheduler.warmup_steps > self.train.steps:
             raise ValueError(
                 f"optim.scheduler.warmup_steps={self.optim.scheduler.warmup_steps} exceeds "
