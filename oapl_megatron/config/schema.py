@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from oapl_megatron.config.base import StrictModel
+from oapl_megatron.config.checkpoint import CheckpointConfig
+from oapl_megatron.config.data import MathDatasetTaskConfig
 from oapl_megatron.config.loop import EvalConfig, ExportConfig, LoggingConfig, LoopConfig
 from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig
 from oapl_megatron.config.task import SyntheticTaskConfig
@@ -147,13 +149,16 @@ class RunConfig(StrictModel):
         default_factory=OAPLObjective, discriminator="type", description="Training objective (type: oapl|grpo)."
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Batch geometry and run length.")
-    task: SyntheticTaskConfig = Field(default_factory=SyntheticTaskConfig, description="Prompts and rewards.")
+    task: SyntheticTaskConfig | MathDatasetTaskConfig = Field(
+        default_factory=SyntheticTaskConfig, discriminator="type",
+        description="Prompts and rewards (type: synthetic_arithmetic | math_dataset).")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="vLLM engines and sampling.")
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="Trainer → engine sync.")
     loop: LoopConfig = Field(default_factory=LoopConfig, description="Lag schedule and rollout buffer.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, TensorBoard, progress.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Final Hugging Face export.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Resumable checkpoints.")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":
@@ -161,6 +166,16 @@ class RunConfig(StrictModel):
             raise ValueError(
                 f"loop.buffer_groups={self.loop.buffer_groups} is smaller than train.prompts_per_step="
                 f"{self.train.prompts_per_step}: one step could never be filled; raise loop.buffer_groups"
+            )
+        if self.checkpoint.every_steps % self.loop.lag:
+            raise ValueError(
+                f"checkpoint.every_steps={self.checkpoint.every_steps} must be a multiple of loop.lag={self.loop.lag}: "
+                "checkpoints are taken right after a weight sync, when the engines' policy equals the trainer's"
+            )
+        if (self.checkpoint.every_steps or self.checkpoint.resume) and self.loop.buffer != "clear":
+            raise ValueError(
+                "checkpoint.every_steps / checkpoint.resume need loop.buffer=clear: exact resume relies on every "
+                "policy version consuming exactly the groups it generated (loop.buffer=keep is not resumable yet)"
             )
         if self.optim.scheduler.warmup_steps > self.train.steps:
             raise ValueError(

@@ -1,0 +1,322 @@
+"""The OAPL training loop: engines generate asynchronously, the Megatron trainer steps, weights sync every L steps.
+
+Process roles (one torchrun job): every rank is a trainer rank (TP × PP × DP); global rank 0 is also the
+*driver*: it owns the engine group (spawned locally or attached by address), the task, the rollout buffer and the
+producer thread, the run directory and the logs. Per step:
+
+    rank 0: groups ← buffer (wait ≤ loop.wait_timeout_s) → advantages → records ──broadcast (gloo)──▶ all ranks
+    all:    [ref log-probs from the frozen copy, if loop.ref_logp_source=trainer] → train_step
+    every L steps, all: gather HF tensors (iter_hf_weights) ──▶ rank 0 bucketed broadcast ──▶ engines
+    rank 0: clear/trim the buffer, evaluate on schedule, log a metrics line
+
+Run it as ``oapl-train CONFIG [dotted.overrides]`` under torchrun (see README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from oapl_megatron.algo import SyncSchedule
+from oapl_megatron.config.loader import write_resolved
+from oapl_megatron.config.schema import RunConfig
+from oapl_megatron.models.builder import build_policy
+from oapl_megatron.models.hf_config import arch_from_hf, make_vocab_padding
+from oapl_megatron.models.hf_io import iter_hf_weights, load_hf_weights
+from oapl_megatron.parallel.bootstrap import ParallelContext, init_distributed, shutdown
+from oapl_megatron.trainer.batch import build_step_batch
+from oapl_megatron.trainer.optimizer import TrainState, wrap_and_build_optimizer
+from oapl_megatron.trainer.step import forward_logprobs, train_step
+
+
+@dataclass
+class Driver:
+    """What only global rank 0 holds."""
+
+    engines: object
+    producer: object
+    buffer: object
+    task: object
+    tokenizer: object
+    log: object
+    sync_reports: list = field(default_factory=list)
+
+
+@dataclass
+class Trainer:
+    """What every rank holds."""
+
+    cfg: RunConfig
+    ctx: ParallelContext
+    arch: object
+    state: TrainState
+    padded_vocab: int
+    control: dist.ProcessGroup | None
+    frozen: list | None = None  # trainer-side copy of π_vllm (loop.ref_logp_source=trainer)
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train; return the last metrics (on rank 0; {} elsewhere)."""
+    tr = setup_trainer(cfg)
+    start_step, resumed = maybe_resume(tr)
+    driver = setup_driver(tr, start_step) if tr.ctx.rank == 0 else None
+    last: dict = {}
+    try:
+        schedule = SyncSchedule(cfg.loop.lag)
+        if resumed is not None:  # the fresh engines get the restored weights before any generation
+            sync_weights(tr, driver, version=resumed["policy_version"])
+        if driver is not None:
+            driver.producer.start()
+            if cfg.eval.every and start_step == 0:
+                driver.log.step(0, {"policy_version": 0, **_evaluate(driver, cfg)})
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            metrics = train_one_step(tr, driver, step, schedule)
+            last_step = step == cfg.train.steps
+            if schedule.should_sync(step) or last_step:
+                metrics.update(sync_weights(tr, driver))
+            if cfg.checkpoint.due(step) or (last_step and cfg.checkpoint.save_on_exit and step % cfg.loop.lag == 0):
+                metrics["checkpoint_s"] = save(tr, driver, step)
+            if driver is not None:
+                if cfg.eval.every and (step % cfg.eval.every == 0 or last_step):
+                    metrics.update(_evaluate(driver, cfg))
+                driver.log.step(step, metrics)
+                last = metrics
+        if cfg.export.final_hf:
+            export_hf(tr, Path(cfg.run_dir) / "final_hf", driver)
+    finally:
+        if driver is not None:
+            driver.producer.stop()
+            driver.engines.shutdown()
+            driver.log.close()
+        shutdown()
+    return last
+
+
+def maybe_resume(tr: Trainer) -> tuple[int, dict | None]:
+    """With checkpoint.resume: load the newest complete checkpoint (rank 0 picks it, every rank loads it)."""
+    from oapl_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint
+
+    cfg = tr.cfg
+    if not cfg.checkpoint.resume:
+        return 0, None
+    root = cfg.checkpoint.resolve_dir(Path(cfg.run_dir))
+    path = _broadcast_object(latest_checkpoint(root) if tr.ctx.rank == 0 else None, tr)
+    if path is None:
+        if tr.ctx.rank == 0:
+            print(f"[oapl-train] --resume: no complete checkpoint under {root}; starting from step 0", flush=True)
+        return 0, None
+    extra = load_checkpoint(path, tr.state, tr.ctx)
+    if tr.frozen is not None:
+        _copy_into_frozen(tr)  # checkpoints are taken right after a sync: π_vllm = the restored weights
+    if tr.ctx.rank == 0:
+        print(f"[oapl-train] resumed from {path} (step {extra['step']}, policy version {extra['policy_version']})",
+              flush=True)
+    return int(extra["step"]), extra
+
+
+def save(tr: Trainer, driver: Driver | None, step: int) -> float:
+    """Collective: a resumable checkpoint right after a sync (the engines serve exactly the saved weights)."""
+    from oapl_megatron.trainer.checkpoint import save_checkpoint
+
+    t0 = time.perf_counter()
+    extra = None
+    if driver is not None:
+        extra = {"step": step, "policy_version": driver.engines.version,
+                 # every version consumed exactly its L × P groups, so the prompt cursor is step × P
+                 "prompts_consumed": step * tr.cfg.train.prompts_per_step}
+    save_checkpoint(tr.cfg.checkpoint.resolve_dir(Path(tr.cfg.run_dir)), step, tr.state, tr.ctx, extra or {},
+                    keep_last=tr.cfg.checkpoint.keep_last, config=tr.cfg.model_dump(mode="json"))
+    return time.perf_counter() - t0
+
+
+def setup_trainer(cfg: RunConfig) -> Trainer:
+    if cfg.model.hf_path is None:
+        raise ValueError("model.hf_path is required: a directory with config.json and safetensors weights")
+    ctx = init_distributed(cfg.parallel, cfg.train.seed)
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.loop.wait_timeout_s + 120)) \
+        if dist.is_initialized() and ctx.world_size > 1 else None
+    arch = arch_from_hf(cfg.model.hf_path)
+    chunks = build_policy(arch, cfg.model, ctx)
+    load_hf_weights(chunks, ctx, arch, cfg.model.hf_path)
+    frozen = None
+    if cfg.loop.ref_logp_source == "trainer":
+        frozen = build_policy(arch, cfg.model, ctx)
+        load_hf_weights(frozen, ctx, arch, cfg.model.hf_path)
+        for c in frozen:
+            c.requires_grad_(False)
+    bf16 = next(chunks[0].parameters()).dtype == torch.bfloat16
+    state = wrap_and_build_optimizer(chunks, cfg.optim, cfg.train.steps, bf16=bf16)
+    if ctx.rank == 0:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
+    return Trainer(cfg, ctx, arch, state, make_vocab_padding(arch.vocab_size, ctx.tp), control, frozen)
+
+
+def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
+    """Engines, task, buffer and the (not yet started) producer; ``start_step`` > 0 when resuming."""
+    from transformers import AutoTokenizer
+
+    from oapl_megatron.rollout.buffer import RolloutBuffer
+    from oapl_megatron.rollout.driver import RolloutProducer
+    from oapl_megatron.rollout.engine import EngineGroup
+    from oapl_megatron.tasks.registry import make_task
+    from oapl_megatron.trainer.metrics import MetricsLogger
+
+    cfg = tr.cfg
+    run_dir = Path(cfg.run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    task = make_task(cfg.task, tokenizer)
+    engines = EngineGroup(cfg.model.hf_path, cfg.rollout, cfg.weight_sync, log_dir=run_dir / "engines").start()
+    try:
+        buffer = RolloutBuffer(cfg.loop.buffer_groups, cfg.loop.buffer, cfg.loop.max_staleness)
+        budget = cfg.loop.lag * cfg.train.prompts_per_step if cfg.loop.buffer == "clear" else None
+        producer = RolloutProducer(engines, task, tokenizer, buffer, cfg.rollout, cfg.loop,
+                                   cfg.train.samples_per_prompt, cfg.train.seed, groups_per_version=budget,
+                                   start_index=start_step * cfg.train.prompts_per_step)
+        log = MetricsLogger(run_dir, cfg.train.steps, cfg.logging, start_step=start_step).__enter__()
+    except BaseException:
+        engines.shutdown()
+        raise
+    return Driver(engines, producer, buffer, task, tokenizer, log)
+
+
+def _broadcast_object(obj, tr: Trainer):
+    if tr.control is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=tr.control)
+    return box[0]
+
+
+def _collect_batch(tr: Trainer, driver: Driver | None, step: int, schedule: SyncSchedule):
+    """Rank 0 takes this step's groups from the buffer; every rank receives the same records."""
+    from oapl_megatron.trainer.records import groups_to_records
+
+    payload = None
+    if driver is not None:
+        t0 = time.perf_counter()
+        groups = driver.producer.take(tr.cfg.train.prompts_per_step, tr.cfg.loop.wait_timeout_s)
+        wait_s = time.perf_counter() - t0
+        records = groups_to_records(groups, tr.cfg.objective)
+        cur = driver.buffer.current_version
+        rewards = [r for g in groups for r in g.rewards]
+        info = {
+            "policy_version": cur,
+            "staleness_mean": sum(cur - g.version for g in groups) / len(groups),
+            # optimizer steps between the weights that generated the data and the weights being trained
+            "lag_steps": schedule.steps_since_sync(step - 1),
+            "reward_mean": sum(rewards) / len(rewards),
+            "response_len_mean": sum(len(r.response_ids) for r in records) / max(1, len(records)),
+            "wait_for_data_s": wait_s,
+        }
+        payload = (records, info)
+    return _broadcast_object(payload, tr)
+
+
+def train_one_step(tr: Trainer, driver: Driver | None, step: int, schedule: SyncSchedule) -> dict:
+    records, info = _collect_batch(tr, driver, step, schedule)
+    ctx, cfg = tr.ctx, tr.cfg
+    batch = build_step_batch(records, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
+                             micro_batch_size=cfg.train.micro_batch_size, pad_id=0)
+    if tr.frozen is not None:
+        info["ref_logp_engine_vs_trainer"] = _use_trainer_reference(tr, batch)
+    t0 = time.perf_counter()
+    metrics = train_step(tr.state, batch, cfg.objective, ctx, tr.arch.vocab_size, tr.padded_vocab)
+    dt = time.perf_counter() - t0
+    metrics.update(info)
+    metrics["train_step_s"] = dt
+    metrics["train_tokens_per_s"] = metrics["response_tokens"] / dt if dt > 0 else 0.0
+    if driver is not None:
+        util = driver.engines.utilization()
+        metrics["engine_idle_fraction"] = sum(u["idle_fraction"] for u in util.values()) / max(1, len(util))
+        metrics["buffer_groups"] = len(driver.buffer)
+        metrics["dropped_stale_groups"] = driver.buffer.dropped_stale
+    return metrics
+
+
+def _use_trainer_reference(tr: Trainer, batch) -> float:
+    """Replace the engine's reference log-probs by the frozen trainer copy's; return their mean |difference| per
+    sequence (engine vs trainer numerics of the same weights, a health metric)."""
+    lps = forward_logprobs(tr.frozen, batch, tr.ctx, tr.arch.vocab_size, tr.padded_vocab)
+    diffs, n = 0.0, 0.0
+    for mb, (lp, _) in zip(batch.micro_batches, lps):
+        tok = lp * mb.mask
+        seq = tok.sum(dim=1)
+        diffs += float(((seq - mb.ref_logp).abs() * mb.valid).sum())
+        n += float(mb.valid.sum())
+        mb.ref_token_logp = tok
+        mb.ref_logp = seq
+    return diffs / max(n, 1.0)
+
+
+def sync_weights(tr: Trainer, driver: Driver | None, version: int | None = None) -> dict:
+    """Collective over all trainer ranks: gather full HF tensors to rank 0, which broadcasts them to the engines.
+    The engines then serve the next version, or ``version`` (resume: the restored run's version)."""
+    t0 = time.perf_counter()
+    named = iter_hf_weights(tr.state.chunks, tr.ctx, tr.arch, dst_rank=0, include_tied_lm_head=True)
+    out: dict = {}
+    if driver is not None:
+        if version is not None:
+            driver.engines.version = version - 1  # sync_weights publishes engines.version + 1
+        report = driver.engines.sync_weights(named)
+        dropped = driver.buffer.on_sync(report.version)
+        driver.producer.on_sync()
+        driver.sync_reports.append(report)
+        out = {"sync_s": time.perf_counter() - t0, "sync_dropped_groups": dropped,
+               "policy_version": report.version}
+        for k in ("pack_s", "broadcast_s", "verify_s", "load_s"):
+            out[f"sync_{k}"] = getattr(report, k)
+        out["sync_bytes"] = report.payload_bytes
+    else:
+        for _ in named:  # ranks other than 0 take part in the gather
+            pass
+    if tr.frozen is not None:
+        _copy_into_frozen(tr)
+    return out
+
+
+@torch.no_grad()
+def _copy_into_frozen(tr: Trainer) -> None:
+    live = [dict(_unwrap(c).named_parameters()) for c in tr.state.chunks]
+    for chunk, params in zip(tr.frozen, live):
+        for name, p in chunk.named_parameters():
+            p.copy_(params[name])
+
+
+def _unwrap(m):
+    while hasattr(m, "module"):
+        m = m.module
+    return m
+
+
+def _evaluate(driver: Driver, cfg: RunConfig) -> dict:
+    from oapl_megatron.rollout.driver import evaluate
+
+    return evaluate(driver.engines, driver.task, driver.tokenizer, cfg.eval, cfg.rollout)
+
+
+def export_hf(tr: Trainer, out_dir: Path, driver: Driver | None) -> None:
+    """Write the policy as a Hugging Face checkpoint (safetensors + config + tokenizer) that transformers and vLLM
+    load as they are. Collective over all trainer ranks (the weight gather); rank 0 writes."""
+    from oapl_megatron.models import mapping as M
+    from oapl_megatron.models.convert import _ShardedWriter, copy_hf_side_files, parse_size
+
+    writer = None
+    if tr.ctx.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writer = _ShardedWriter(out_dir, M.hf_shapes(tr.arch), getattr(torch, tr.cfg.export.dtype),
+                                parse_size("2GB"))
+    for name, tensor in iter_hf_weights(tr.state.chunks, tr.ctx, tr.arch, dst_rank=0, include_tied_lm_head=False):
+        writer.add(name, tensor)
+    if writer is not None:
+        writer.finish()
+        copy_hf_side_files(Path(tr.cfg.model.hf_path), out_dir)
+        if driver is not None:
+            driver.log.print(f"exported the final policy to {out_dir}")
