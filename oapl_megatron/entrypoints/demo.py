@@ -43,7 +43,7 @@ def build_warm_start(cfg, out: Path, log) -> dict:
                        pad_token_id=tok.pad_token_id, **TINY_QWEN3)
     model = Qwen3ForCausalLM(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[demo] tiny Qwen3 policy: {n_params / 1e6:.2f}M parameters, vocabulary {len(tok)}")
+    log(f"tiny Qwen3 policy: {n_params / 1e6:.2f}M parameters, vocabulary {len(tok)}")
     examples = task.sft_examples(cfg.task.sft_size, seed=cfg.train.seed)
     stats = warm_start(model, tok, examples, seed=cfg.train.seed, log=log, **WARM)
     model.save_pretrained(out)

@@ -115,12 +115,16 @@ def _reduce_stats(store: list[dict], ctx: ParallelContext) -> dict[str, float]:
     return dict(zip(_SUM_KEYS, vec.tolist()))
 
 
-def _finish_metrics(sums: dict[str, float]) -> dict[str, float]:
+_OBJECTIVE_KEYS = {"oapl": ("sq_residual", "log_ratio", "adv_abs", "kl_k1", "kl_k2"),
+                   "grpo": ("clip_frac", "ratio_mean", "kl_k1")}
+
+
+def _finish_metrics(sums: dict[str, float], objective) -> dict[str, float]:
     seqs = max(sums["sequences"], 1.0)
     toks = max(sums["tokens"], 1.0)
     out = {"loss": sums["loss"], "entropy": sums["entropy_sum"] / toks, "response_tokens": sums["tokens"],
            "sequences": sums["sequences"], "logp_seq_mean": sums["logp_sum"] / seqs}
-    for k in ("sq_residual", "log_ratio", "adv_abs", "kl_k1", "kl_k2", "clip_frac", "ratio_mean"):
+    for k in _OBJECTIVE_KEYS[objective.type]:
         out[k] = sums[k] / seqs
     return out
 
@@ -145,7 +149,7 @@ def forward_backward(state: TrainState, batch: StepBatch, objective: OAPLObjecti
         return out, partial(_loss_func, mb, batch, objective, ctx, vocab_size, padded_vocab, tp_group)
 
     store = _run_schedule(state.chunks, batch, forward_step, forward_only=False, ctx=ctx)
-    return _finish_metrics(_reduce_stats(store, ctx))
+    return _finish_metrics(_reduce_stats(store, ctx), objective)
 
 
 def apply_update(state: TrainState, metrics: dict[str, float]) -> dict[str, float]:
