@@ -442,4 +442,3 @@ class ShardedHFWriter:
             (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-_ShardedWriter = ShardedHFWriter  # the name trainer/loop.py imported first

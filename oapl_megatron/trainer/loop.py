@@ -305,18 +305,9 @@ def _evaluate(driver: Driver, cfg: RunConfig) -> dict:
 def export_hf(tr: Trainer, out_dir: Path, driver: Driver | None) -> None:
     """Write the policy as a Hugging Face checkpoint (safetensors + config + tokenizer) that transformers and vLLM
     load as they are. Collective over all trainer ranks (the weight gather); rank 0 writes."""
-    from oapl_megatron.models import mapping as M
-    from oapl_megatron.models.convert import _ShardedWriter, copy_hf_side_files, parse_size
+    from oapl_megatron.models.convert import write_hf_checkpoint
 
-    writer = None
-    if tr.ctx.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        writer = _ShardedWriter(out_dir, M.hf_shapes(tr.arch), getattr(torch, tr.cfg.export.dtype),
-                                parse_size("2GB"))
-    for name, tensor in iter_hf_weights(tr.state.chunks, tr.ctx, tr.arch, dst_rank=0, include_tied_lm_head=False):
-        writer.add(name, tensor)
-    if writer is not None:
-        writer.finish()
-        copy_hf_side_files(Path(tr.cfg.model.hf_path), out_dir)
-        if driver is not None:
-            driver.log.print(f"exported the final policy to {out_dir}")
+    write_hf_checkpoint(tr.state.chunks, tr.ctx, tr.arch, out_dir, side_files_dir=tr.cfg.model.hf_path,
+                        dtype=tr.cfg.export.dtype)
+    if driver is not None:
+        driver.log.print(f"exported the final policy to {out_dir}")
