@@ -27,6 +27,7 @@ class Group:
     samples: list  # list[rollout.types.Sample]
     rewards: list[float]
     version: int  # policy version that generated every sample of the group
+    stream_index: int = -1  # position of the prompt in the task's training stream (data accounting)
     created_at: float = field(default_factory=time.monotonic)
 
 

@@ -99,7 +99,8 @@ class RolloutProducer:
                     versions = {s.policy_version for s in group}
                     if len(versions) != 1:
                         raise RuntimeError(f"group of prompt {prompt.id} mixes policy versions {sorted(versions)}")
-                    self.buffer.put(Group(prompt, list(reqs[i].prompt_token_ids), group, rewards, versions.pop()))
+                    self.buffer.put(Group(prompt, list(reqs[i].prompt_token_ids), group, rewards, versions.pop(),
+                                          stream_index=first + i))
         except BaseException as exc:  # surfaced to the trainer by take()
             if not self._stop.is_set():
                 self._error = exc

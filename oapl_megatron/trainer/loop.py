@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +216,10 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int, schedule: Sync
             "reward_mean": sum(rewards) / len(rewards),
             "response_len_mean": sum(len(r.response_ids) for r in records) / max(1, len(records)),
             "wait_for_data_s": wait_s,
+            # data accounting: which prompts of the stream this step consumed (a resumed run must match)
+            "prompt_index_first": min(g.stream_index for g in groups),
+            "prompt_index_last": max(g.stream_index for g in groups),
+            "prompt_ids_crc": zlib.crc32("|".join(f"{g.stream_index}:{g.prompt.id}" for g in groups).encode()),
         }
         payload = (records, info)
     return _broadcast_object(payload, tr)
