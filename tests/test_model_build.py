@@ -240,7 +240,7 @@ def test_fp8_fields_reach_transformer_config():
     arch = arch_from_hf(_hf_config("qwen3_untied"))
     cfg = ModelConfig(transformer_impl="transformer_engine", recompute_activations=True,
                       fp8=FP8Config(enabled=True, recipe="tensorwise", amax_history_len=16,
-                                    num_layers_at_end_in_bf16=2))
+                                    first_last_layers_bf16=True, num_layers_at_end_in_bf16=2))
     tc = make_transformer_config(arch, cfg, _ctx(), "transformer_engine")  # config only: no TE needed
     assert (tc.fp8, tc.fp8_recipe, tc.fp8_amax_history_len, tc.fp8_amax_compute_algo) == ("hybrid", "tensorwise", 16,
                                                                                           "max")
@@ -250,10 +250,9 @@ def test_fp8_fields_reach_transformer_config():
     gpu_ctx = dataclasses.replace(_ctx(), device=torch.device("cuda", 0), backend="nccl")
     tc = make_transformer_config(arch, ModelConfig(params_dtype="bfloat16"), gpu_ctx, "local")
     assert tc.bf16 and tc.params_dtype == torch.bfloat16 and tc.bias_activation_fusion and not tc.use_cpu_initialization
-    # megatron rejects bf16 first/last layers with delayed scaling; we say it in config terms.
-    with pytest.raises(ConfigError, match=r"model\.fp8\.first_last_layers_bf16=true .* model\.fp8\.recipe=delayed"):
-        make_transformer_config(arch, ModelConfig(transformer_impl="transformer_engine", fp8=FP8Config(enabled=True)),
-                                _ctx(), "transformer_engine")
+    # megatron rejects bf16 first/last layers with delayed scaling; the config says so when it is loaded.
+    with pytest.raises(ValueError, match=r"model\.fp8\.first_last_layers_bf16=true .* model\.fp8\.recipe=delayed"):
+        FP8Config(enabled=True, first_last_layers_bf16=True)
 
 
 def test_world_size_not_divisible_names_parallel_tp(world1):
