@@ -250,6 +250,10 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+def _err(tmp_path, k: int) -> str:
+    return (tmp_path / f"trainer{k}.err").read_text()[-3000:]
+
+
 @pytest.mark.slow
 def test_ctrl_c_error_and_dead_trainer_leave_no_engines(tmp_path):
     _make_model(tmp_path / "model", tied=True)
@@ -261,9 +265,11 @@ def test_ctrl_c_error_and_dead_trainer_leave_no_engines(tmp_path):
             script = tmp_path / f"trainer{k}.py"
             script.write_text(_SCRIPT.format(repo=str(REPO), model=str(tmp_path / "model"),
                                              logs=str(tmp_path / f"logs{k}")))
-            procs.append(subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True,
-                                          env={**os.environ, "PYTHONPATH": str(REPO)}))
+            # stderr to a file, not a pipe: nobody reads it while the trainer runs, and a full pipe would block
+            # the trainer in the middle of its shutdown
+            with open(tmp_path / f"trainer{k}.err", "w") as err:
+                procs.append(subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
+                                              stderr=err, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}))
         all_pids = []
         for (mode, how), p in zip(cases, procs):
             pids = []
@@ -271,14 +277,14 @@ def test_ctrl_c_error_and_dead_trainer_leave_no_engines(tmp_path):
                 if line.startswith("ENGINE_PIDS"):
                     pids = [int(x) for x in line.split()[1:]]
                     break
-            assert pids, f"{mode}: trainer exited without starting engines: {p.stderr.read()[-3000:]}"
+            assert pids, f"{mode}: trainer exited without starting engines: {_err(tmp_path, procs.index(p))}"
             all_pids += pids
             if how is not None:
                 p.send_signal(how)
-        for (mode, how), p in zip(cases, procs):
-            p.wait(timeout=120)
+        for k, ((mode, how), p) in enumerate(zip(cases, procs)):
+            p.wait(timeout=180)
             if how is None:
-                assert "trainer failed" in p.stderr.read()
+                assert "trainer failed" in _err(tmp_path, k)
         _assert_gone(all_pids)  # SIGKILL of a trainer: its engine dies by PR_SET_PDEATHSIG
     finally:
         for p in procs:

@@ -6,6 +6,13 @@ N receiver processes (default 2) join a gloo group over loopback. Every method m
 * ``flat``        one broadcast of a single uint8 buffer holding every byte (no packing, no unpacking): the limit;
 * ``per_tensor``  one broadcast per tensor, each waited before the next (as in one-tensor-at-a-time designs),
                   received into preallocated tensors; ``per_tensor_pipelined`` posts them all at once (best case);
+* ``per_tensor_rpc`` one control-plane RPC per tensor, the way one-RPC-per-tensor designs load weights: the sender
+                  pickles ``(name, tensor)`` by value and sends it as its own message over an authenticated
+                  ``multiprocessing.connection`` link to every receiver (as the engine control plane does), then
+                  waits for every receiver's ack before the next tensor (one round trip per tensor); each receiver
+                  unpickles it and copies it into its preallocated destination. (Plain ``pickle``, not
+                  ``conn.send``: torch registers shared-memory reducers with the ForkingPickler that ``conn.send``
+                  uses, which would pass a file descriptor instead of the bytes, unlike a real RPC.)
 * ``bucketed@MB`` :func:`oapl_megatron.weight_sync.sync.send_weights` / ``receive_weights``: pack into MB-MiB
                   buckets (double-buffered), broadcast each into the receivers' flat staging buffer, take the
                   tensors as views; for every size in ``--bucket-mb``; for the first size also with per-bucket
@@ -24,10 +31,13 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import pickle
 import platform
+import secrets
 import statistics
 import sys
 import time
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,8 +75,27 @@ def schedule(methods: list[str], repeats: int) -> list[str]:
     return [f"warmup:{m}" for m in methods] + [m for _ in range(repeats) for m in methods]
 
 
-def run_trial(group, rank: int, method: str, metas, tensors, flat: torch.Tensor, bucket_bytes: int):
-    """One trial of ``method`` on this rank. Rank 0 sends, others receive; every rank ends in a barrier."""
+LABELS = {
+    "flat": "one flat gloo broadcast of all bytes (the limit)",
+    "per_tensor": "one gloo broadcast per tensor, each waited",
+    "per_tensor_pipelined": "one gloo broadcast per tensor, all posted at once",
+    "per_tensor_rpc": "one RPC per tensor (pickled over the control plane, acked)",
+    "bucketed": "bucketed sync (send_weights/receive_weights)",
+    "bucketed-fresh": "bucketed sync, fresh staging buffer per sync",
+    "bucketed+crc32": "bucketed sync with per-bucket CRC-32",
+}
+
+
+def label(method: str) -> str:
+    kind, _, mb = method.partition("@")
+    return LABELS[kind] + (f", {mb} MiB buckets" if mb else "")
+
+
+def run_trial(group, rank: int, method: str, metas, tensors, flat: torch.Tensor, bucket_bytes: int, rpc=None):
+    """One trial of ``method`` on this rank. Rank 0 sends, others receive; every rank ends in a barrier.
+
+    ``rpc``: on rank 0 the control-plane connections to every receiver, on a receiver its connection to rank 0.
+    """
     kind = method.split(":")[-1]
     if kind == "flat":
         w = group.pg.broadcast([flat], _opts())
@@ -78,6 +107,22 @@ def run_trial(group, rank: int, method: str, metas, tensors, flat: torch.Tensor,
         works = [group.pg.broadcast([t], _opts()) for t in tensors]
         for w in works:
             w.wait()
+    elif kind == "per_tensor_rpc":  # one control-plane message per tensor, loaded on arrival, acked
+        if rank == 0:
+            for m, t in zip(metas, tensors):
+                msg = pickle.dumps((m.name, t), protocol=pickle.HIGHEST_PROTOCOL)  # by value, once per tensor
+                for conn in rpc:  # the same RPC to every receiver, as a collective RPC issues it
+                    conn.send_bytes(msg)
+                for conn in rpc:
+                    if conn.recv_bytes() != b"ok":
+                        raise RuntimeError(f"per_tensor_rpc: bad ack for {m.name}")
+        else:
+            for m, dst in zip(metas, tensors):
+                name, t = pickle.loads(rpc.recv_bytes())
+                if name != m.name:
+                    raise RuntimeError(f"per_tensor_rpc: got {name}, expected {m.name}")
+                dst.copy_(t)
+                rpc.send_bytes(b"ok")
     else:
         kind, _, mb = kind.partition("@")
         bucket_bytes = int(mb) * 2**20
@@ -108,15 +153,18 @@ def _opts():
     return o
 
 
-def receiver_main(port, rank, world, metas, methods, repeats, bucket_bytes, timeout_s):
+def receiver_main(port, rank, world, metas, methods, repeats, bucket_bytes, timeout_s, rpc_address, authkey):
     torch.set_num_threads(1)
+    rpc = Client(rpc_address, authkey=authkey)  # before the group join: rank 0 accepts before it joins
+    rpc.send(rank)
     group = WeightGroup.join("127.0.0.1", port, rank, world, "gloo", timeout_s)
     total = sum(m.nbytes for m in metas)
     flat = torch.empty(total, dtype=torch.uint8)
     tensors = [torch.empty(m.shape, dtype=dtype_from_name(m.dtype)) for m in metas]
     for method in schedule(methods, repeats):
-        run_trial(group, rank, method, metas, tensors, flat, bucket_bytes)
+        run_trial(group, rank, method, metas, tensors, flat, bucket_bytes, rpc)
     group.close()
+    rpc.close()
 
 
 def main(argv=None) -> dict:
@@ -138,17 +186,27 @@ def main(argv=None) -> dict:
     total = sum(m.nbytes for m in metas)
     sizes = [int(x) for x in args.bucket_mb.split(",")]
     bucket_bytes = sizes[0] * 2**20
-    methods = (["flat", "per_tensor", "per_tensor_pipelined"] + [f"bucketed@{mb}" for mb in sizes]
+    methods = (["flat", "per_tensor", "per_tensor_pipelined", "per_tensor_rpc"] + [f"bucketed@{mb}" for mb in sizes]
                + [f"bucketed-fresh@{sizes[0]}", f"bucketed+crc32@{sizes[0]}"])
     world = 1 + args.receivers
     store = open_rendezvous("127.0.0.1", 0, world, args.timeout_s)
+    # control plane for per_tensor_rpc: authenticated multiprocessing.connection links, one per receiver
+    authkey = secrets.token_bytes(32)
+    listener = Listener(("127.0.0.1", 0), backlog=world, authkey=authkey)
+    listener._listener._socket.settimeout(args.timeout_s)  # a receiver that dies before connecting: no hang
     # fork before the sender allocates its tensors: the receivers do not need the data
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=receiver_main, args=(store.port, r, world, metas, methods, args.repeats,
-                                                     bucket_bytes, args.timeout_s)) for r in range(1, world)]
+                                                     bucket_bytes, args.timeout_s, listener.address, authkey))
+             for r in range(1, world)]
     for p in procs:
         p.start()
     try:
+        rpc_by_rank = {}
+        for _ in range(args.receivers):
+            conn = listener.accept()
+            rpc_by_rank[conn.recv()] = conn
+        rpc = [rpc_by_rank[r] for r in range(1, world)]
         g = torch.Generator().manual_seed(0)
         tensors = [torch.randn(m.shape, generator=g, dtype=torch.float32).to(dtype_from_name(m.dtype))
                    for m in metas]
@@ -157,11 +215,14 @@ def main(argv=None) -> dict:
         times: dict[str, list[float]] = {m: [] for m in methods}
         for method in schedule(methods, args.repeats):
             t0 = time.perf_counter()
-            run_trial(group, 0, method, metas, tensors, flat, bucket_bytes)
+            run_trial(group, 0, method, metas, tensors, flat, bucket_bytes, rpc)
             if not method.startswith("warmup:"):
                 times[method].append(time.perf_counter() - t0)
         group.close()
+        for conn in rpc:
+            conn.close()
     finally:
+        listener.close()
         for p in procs:
             p.join(timeout=args.timeout_s)
             if p.is_alive():
@@ -187,6 +248,9 @@ def main(argv=None) -> dict:
                                      "min": best_t["per_tensor"] / best_t[best]},
         "per_tensor_pipelined_over_bucketed": {"median": med["per_tensor_pipelined"] / med[best],
                                                "min": best_t["per_tensor_pipelined"] / best_t[best]},
+        "per_tensor_rpc_over_bucketed": {"median": med["per_tensor_rpc"] / med[best],
+                                         "min": best_t["per_tensor_rpc"] / best_t[best]},
+        "labels": {m: label(m) for m in methods},
     }
     print(f"model: {n_params / 1e6:.1f}M params, {len(metas)} tensors, {args.dtype}, {total / 2**20:.0f} MiB; "
           f"{args.receivers} receivers; gloo loopback; buckets (MiB: count) {result['n_buckets']}; "
@@ -198,6 +262,10 @@ def main(argv=None) -> dict:
     r, q = result["bucketed_vs_flat"], result["per_tensor_over_bucketed"]
     print(f"{best}: {r['median']:.2f}x (median) / {r['min']:.2f}x (best run) of the flat limit (goal ≥ 0.8); "
           f"per-tensor takes {q['median']:.2f}x / {q['min']:.2f}x the bucketed time (goal ≥ 10)")
+    q = result["per_tensor_rpc_over_bucketed"]
+    print(f"per_tensor_rpc ({label('per_tensor_rpc')}) takes {q['median']:.2f}x (median) / {q['min']:.2f}x "
+          f"(best run) the bucketed time")
+    print("methods: " + "; ".join(f"{m} = {label(m)}" for m in methods))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result
