@@ -129,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     ev = [r for r in rows if r.get("eval_accuracy") is not None]
     before, after = ev[0], ev[-1]
+    keys = ("step", "eval_accuracy", "eval_greedy_accuracy", f"eval_pass@{cfg.eval.samples}")
     summary = {
-        "before": {k: before.get(k) for k in ("step", "eval_accuracy", "eval_greedy_accuracy", f"eval_pass@{cfg.eval.samples}")},
-        "after": {k: after.get(k) for k in ("step", "eval_accuracy", "eval_greedy_accuracy", f"eval_pass@{cfg.eval.samples}")},
+        "before": {k: before.get(k) for k in keys},
+        "after": {k: after.get(k) for k in keys},
         "wall_s": round(time.time() - t0, 1),
         "learning_curve": str(png),
     }

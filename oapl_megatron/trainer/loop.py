@@ -4,7 +4,7 @@ Process roles (one torchrun job): every rank is a trainer rank (TP × PP × DP);
 *driver*: it owns the engine group (spawned locally or attached by address), the task, the rollout buffer and the
 producer thread, the run directory and the logs. Per step:
 
-    rank 0: groups ← buffer (wait ≤ loop.wait_timeout_s) → advantages → records ──broadcast (gloo)──▶ all ranks
+    rank 0: groups ← buffer (wait ≤ loop.wait_timeout_s) → advantages → records ─broadcast (gloo)─▶ all ranks
     all:    [ref log-probs from the frozen copy, if loop.ref_logp_source=trainer] → train_step
     every L steps, all: gather HF tensors (iter_hf_weights) ──▶ rank 0 bucketed broadcast ──▶ engines
     rank 0: clear/trim the buffer, evaluate on schedule, log a metrics line
