@@ -235,7 +235,10 @@ def test_engine_killed_during_sync_is_named_and_nothing_hangs(tmp_path):
 
 
 _SCRIPT = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
+    # Ctrl-C as in an interactive terminal: a job started in the background by a non-interactive shell (CI
+    # runners, nohup ... &) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {repo!r})
     from oapl_megatron.config.rollout import RolloutConfig
     from oapl_megatron.rollout.engine import EngineGroup
