@@ -106,15 +106,3 @@ class RolloutBuffer:
         with self._cv:
             self.closed = True
             self._cv.notify_all()
-
-    def state_dict(self) -> dict:
-        with self._cv:
-            return {"groups": list(self._groups), "current_version": self.current_version,
-                    "dropped_stale": self.dropped_stale, "produced": self.produced}
-
-    def load_state_dict(self, state: dict) -> None:
-        with self._cv:
-            self._groups = deque(state["groups"])
-            self.current_version = state["current_version"]
-            self.dropped_stale = state["dropped_stale"]
-            self.produced = state["produced"]

@@ -30,7 +30,7 @@ from oapl_megatron.config.loader import write_resolved
 from oapl_megatron.config.schema import RunConfig
 from oapl_megatron.models.builder import build_policy
 from oapl_megatron.models.hf_config import arch_from_hf, make_vocab_padding
-from oapl_megatron.models.hf_io import iter_hf_weights, load_hf_weights
+from oapl_megatron.models.hf_io import iter_hf_weights, load_hf_weights, unwrap
 from oapl_megatron.parallel.bootstrap import ParallelContext, init_distributed, shutdown
 from oapl_megatron.trainer.batch import build_step_batch
 from oapl_megatron.trainer.optimizer import TrainState, wrap_and_build_optimizer
@@ -289,16 +289,10 @@ def sync_weights(tr: Trainer, driver: Driver | None, version: int | None = None)
 
 @torch.no_grad()
 def _copy_into_frozen(tr: Trainer) -> None:
-    live = [dict(_unwrap(c).named_parameters()) for c in tr.state.chunks]
+    live = [dict(unwrap(c).named_parameters()) for c in tr.state.chunks]
     for chunk, params in zip(tr.frozen, live):
         for name, p in chunk.named_parameters():
             p.copy_(params[name])
-
-
-def _unwrap(m):
-    while hasattr(m, "module"):
-        m = m.module
-    return m
 
 
 def _evaluate(driver: Driver, cfg: RunConfig) -> dict:

@@ -8,7 +8,6 @@ makes megatron's DDP sum, and our finalize function never rescales by a token co
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -111,13 +110,3 @@ def grads_are_finite(chunks: list, group=None) -> bool:
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def cosine_lr(step: int, lr: float, warmup: int, decay: int, min_ratio: float) -> float:
-    """Reference of the schedule above (for tests and logging): linear warmup, then cosine to min_ratio·lr."""
-    if warmup > 0 and step < warmup:
-        return lr * step / warmup
-    if step > decay:
-        return lr * min_ratio
-    frac = (step - warmup) / max(1, decay - warmup)
-    return lr * min_ratio + 0.5 * lr * (1 - min_ratio) * (1 + math.cos(math.pi * frac))

@@ -14,13 +14,14 @@ import time
 
 import torch
 
+from oapl_megatron.rollout.driver import encode_prompt
 
-def _encode(tokenizer, prompt_text: str, completion: str) -> tuple[list[int], int]:
-    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+
+def _encode(tokenizer, prompt, completion: str) -> tuple[list[int], int]:
+    """[BOS] prompt completion EOS, with the prompt encoded exactly as the engines see it; returns the prompt length."""
+    p = encode_prompt(tokenizer, prompt)
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = bos + p + c + [tokenizer.eos_token_id]
-    return ids, len(bos) + len(p)
+    return p + c + [tokenizer.eos_token_id], len(p)
 
 
 def warm_start(model, tokenizer, examples, *, steps: int, batch_size: int, lr: float, seed: int = 0,
@@ -28,7 +29,7 @@ def warm_start(model, tokenizer, examples, *, steps: int, batch_size: int, lr: f
     """Train ``model`` in place; returns {"final_loss", "seconds", "tokens_per_s"}."""
     if not examples:
         raise ValueError("warm_start: no examples")
-    data = [_encode(tokenizer, ex.prompt.text, ex.completion) for ex in examples]
+    data = [_encode(tokenizer, ex.prompt, ex.completion) for ex in examples]
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(

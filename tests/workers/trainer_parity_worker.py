@@ -10,7 +10,6 @@ Writes ``$OAPL_TEST_OUT/result.pt`` from rank 0.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -53,24 +52,10 @@ def make_records(vocab: int) -> list[SequenceRecord]:
     return recs
 
 
-@contextlib.contextmanager
-def grads_as_params(chunks):
-    """Temporarily let every parameter's data be its reduced gradient, so the weight gather yields gradients."""
-    saved = []
-    for c in chunks:
-        for p in c.parameters():
-            saved.append((p, p.data))
-            p.data = p.main_grad.view_as(p).to(p.dtype)
-    try:
-        yield
-    finally:
-        for p, d in saved:
-            p.data = d
-
-
-def gather(chunks, ctx, arch):
+def gather(chunks, ctx, arch, tensor_of=None):
+    """Full HF-named tensors on rank 0: the weights, or with ``tensor_of`` e.g. the DP-reduced gradients."""
     out = {}
-    for name, t in iter_hf_weights(chunks, ctx, arch, dst_rank=0, include_tied_lm_head=False):
+    for name, t in iter_hf_weights(chunks, ctx, arch, dst_rank=0, include_tied_lm_head=False, tensor_of=tensor_of):
         out[name] = t.detach().clone().double()
     return out
 
@@ -86,8 +71,7 @@ def run_layout(tp, pp, mbs, hf_sd, arch, records, optim, steps=0, nan_step=False
     res = {}
     metrics = forward_backward(state, batch, obj, ctx, arch.vocab_size, padded)
     res["loss"] = metrics["loss"]
-    with grads_as_params(state.chunks):
-        res["grads"] = gather(state.chunks, ctx, arch)
+    res["grads"] = gather(state.chunks, ctx, arch, tensor_of=lambda name, p: p.main_grad.view_as(p))
     lp = forward_logprobs(state.chunks, batch, ctx, arch.vocab_size, padded)
     # this DP rank's sequences, in order: rows of its micro-batches
     mine = [(mb_lp[i], mb_ent[i]) for (mb_lp, mb_ent) in lp for i in range(mbs)]
