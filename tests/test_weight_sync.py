@@ -74,16 +74,16 @@ def _run(n_receivers, bucket_bytes, corrupt=None, die_rank=None, timeout_s=30.0)
         p.start()
     try:
         group = WeightGroup.join("127.0.0.1", store.port, 0, world, "gloo", timeout_s, store=store)
-        err = None
+        err = stats = None
         try:
-            send_weights(make_sender(group), plan, iter(items), "crc32", corrupt_bucket=corrupt)
+            stats = send_weights(make_sender(group), plan, iter(items), "crc32", corrupt_bucket=corrupt)
         except TransportError as e:
             err = e
         results = {}
         for _ in range(n_receivers - (1 if die_rank else 0)):
             rank, kind, payload = q.get(timeout=timeout_s + 30)
             results[rank] = (kind, payload)
-        return items, plan, results, err
+        return items, plan, results, err, stats
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -92,9 +92,12 @@ def _run(n_receivers, bucket_bytes, corrupt=None, die_rank=None, timeout_s=30.0)
 
 
 def test_round_trip_two_receivers_many_buckets():
-    items, plan, results, err = _run(2, bucket_bytes=4096)
+    items, plan, results, err, stats = _run(2, bucket_bytes=4096)
     assert err is None
     assert len(plan.buckets) > 20  # small buckets: tensors are split across many of them
+    # buckets that hold one slice of one tensor (the embedding's middle) go out without a packing copy
+    single = [b for b in plan.buckets if len(b.slices) == 1 and b.slices[0].dst_offset == 0]
+    assert stats.zero_copy_buckets == len(single) > 10
     for rank in (1, 2):
         kind, staged = results[rank]
         assert kind == "ok", staged
@@ -103,18 +106,24 @@ def test_round_trip_two_receivers_many_buckets():
             assert _equal(want, got), (rank, n)
 
 
-def test_corrupted_bucket_is_detected_on_every_receiver():
-    _, plan, results, err = _run(2, bucket_bytes=4096, corrupt=5)
+@pytest.mark.parametrize("corrupt", [5, 30])
+def test_corrupted_bucket_is_detected_on_every_receiver(corrupt):
+    # bucket 5 is a middle slice of the embedding (sent zero-copy unless corrupted), bucket 30 packs 4 tensors
+    pristine = [(n, t.clone()) for n, t in _source()]
+    items, plan, results, err, _ = _run(2, bucket_bytes=4096, corrupt=corrupt)
     assert err is None
+    assert (len(plan.buckets[corrupt].slices) == 1) == (corrupt == 5)
     for rank in (1, 2):
         kind, msg = results[rank]
         assert kind == "integrity", msg
-        assert "bucket(s) [5]" in msg and f"of {len(plan.buckets)}" in msg
+        assert f"bucket(s) [{corrupt}]" in msg and f"of {len(plan.buckets)}" in msg
+    # the test hook corrupts a packed copy, never the sender's own tensors
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(items, pristine))
 
 
 def test_dead_receiver_fails_the_sender_within_the_timeout():
     t0 = time.monotonic()
-    _, _, results, err = _run(2, bucket_bytes=4096, die_rank=2, timeout_s=10.0)
+    _, _, results, err, _ = _run(2, bucket_bytes=4096, die_rank=2, timeout_s=10.0)
     assert isinstance(err, TransportError), err
     assert "rank 0/3" in str(err) and "bucket" in str(err)
     assert time.monotonic() - t0 < 60

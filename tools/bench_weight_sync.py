@@ -19,8 +19,16 @@ N receiver processes (default 2) join a gloo group over loopback. Every method m
                   CRC-32 checksums (``bucketed+crc32@MB``) and with a fresh staging buffer per sync instead of the
                   kept one (``bucketed-fresh@MB``: what a GPU receiver does to save memory).
 
+Two more rows bound where the bucketed sync's extra time goes (neither is a sync: no tensor is delivered):
+
+* ``chunked@MB``  the flat buffer broadcast in bucket-sized pieces, all posted at once: the per-operation cost alone;
+* ``flat+copy``   the flat broadcast while the sender, independently, copies every tensor into a second buffer of
+                  the model's size: the packing work with perfect overlap (no bucket waits for its packing).
+
 Each timing is rank 0's wall time from the start of a trial to a barrier that every receiver enters after it has
-its tensors (median of ``--repeats``). Prints a table and writes JSON (``--out``).
+its tensors (median of ``--repeats``). Every process also records the CPU time (user + system) it spent in each
+trial: on a machine with few cores the sync is bounded by the CPU all processes need together, and the table's
+``CPU/wall`` column shows how many cores each method kept busy. Prints a table and writes JSON (``--out``).
 
     python tools/bench_weight_sync.py --receivers 2 --out bench_weight_sync.json
 """
@@ -33,6 +41,7 @@ import multiprocessing as mp
 import os
 import pickle
 import platform
+import resource
 import secrets
 import statistics
 import sys
@@ -44,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from oapl_megatron.weight_sync.bucket import TensorMeta, dtype_from_name, plan_buckets  # noqa: E402
+from oapl_megatron.weight_sync.bucket import TensorMeta, _copy_bytes, dtype_from_name, plan_buckets  # noqa: E402
 from oapl_megatron.weight_sync.sync import SyncMeta, receive_weights, send_weights  # noqa: E402
 from oapl_megatron.weight_sync.transport import (WeightGroup, make_receiver, make_sender,  # noqa: E402
                                                  open_rendezvous)
@@ -83,6 +92,8 @@ LABELS = {
     "bucketed": "bucketed sync (send_weights/receive_weights)",
     "bucketed-fresh": "bucketed sync, fresh staging buffer per sync",
     "bucketed+crc32": "bucketed sync with per-bucket CRC-32",
+    "chunked": "bound: the flat buffer in bucket-sized broadcasts, all posted at once (no packing)",
+    "flat+copy": "bound: one flat broadcast while the sender copies every tensor (packing with perfect overlap)",
 }
 
 
@@ -100,6 +111,21 @@ def run_trial(group, rank: int, method: str, metas, tensors, flat: torch.Tensor,
     if kind == "flat":
         w = group.pg.broadcast([flat], _opts())
         w.wait()
+    elif kind == "flat+copy":
+        w = group.pg.broadcast([flat], _opts())
+        if rank == 0:  # the packing work, not tied to the wire: every tensor copied once into a model-sized buffer
+            scratch = _SCRATCH.setdefault("copy", torch.empty_like(flat))
+            pos = 0
+            for t in tensors:
+                n = t.numel() * t.element_size()
+                _copy_bytes(scratch[pos:pos + n], t.reshape(-1).view(torch.uint8))
+                pos += n
+        w.wait()
+    elif kind.startswith("chunked@"):
+        step = int(kind.partition("@")[2]) * 2**20
+        works = [group.pg.broadcast([flat[o:o + step]], _opts()) for o in range(0, flat.numel(), step)]
+        for w in works:
+            w.wait()
     elif kind == "per_tensor":  # what per-tensor designs do: announce, move, load one tensor at a time
         for t in tensors:
             group.pg.broadcast([t], _opts()).wait()
@@ -143,6 +169,25 @@ def run_trial(group, rank: int, method: str, metas, tensors, flat: torch.Tensor,
 
 _SENDERS: dict = {}
 _RECEIVERS: dict = {}
+_SCRATCH: dict = {}
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process (gloo's included)
+    return r.ru_utime + r.ru_stime
+
+
+def timed_trials(group, rank, methods, repeats, metas, tensors, flat, bucket_bytes, rpc):
+    """Run the schedule; returns per method the wall times and this process's CPU times (s) of each trial."""
+    wall: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
+    for method in schedule(methods, repeats):
+        c0, t0 = _cpu_s(), time.perf_counter()
+        run_trial(group, rank, method, metas, tensors, flat, bucket_bytes, rpc)
+        if not method.startswith("warmup:"):
+            wall[method].append(time.perf_counter() - t0)
+            cpu[method].append(_cpu_s() - c0)
+    return wall, cpu
 
 
 def _opts():
@@ -161,9 +206,9 @@ def receiver_main(port, rank, world, metas, methods, repeats, bucket_bytes, time
     total = sum(m.nbytes for m in metas)
     flat = torch.empty(total, dtype=torch.uint8)
     tensors = [torch.empty(m.shape, dtype=dtype_from_name(m.dtype)) for m in metas]
-    for method in schedule(methods, repeats):
-        run_trial(group, rank, method, metas, tensors, flat, bucket_bytes, rpc)
+    _, cpu = timed_trials(group, rank, methods, repeats, metas, tensors, flat, bucket_bytes, rpc)
     group.close()
+    rpc.send(cpu)
     rpc.close()
 
 
@@ -187,7 +232,7 @@ def main(argv=None) -> dict:
     sizes = [int(x) for x in args.bucket_mb.split(",")]
     bucket_bytes = sizes[0] * 2**20
     methods = (["flat", "per_tensor", "per_tensor_pipelined", "per_tensor_rpc"] + [f"bucketed@{mb}" for mb in sizes]
-               + [f"bucketed-fresh@{sizes[0]}", f"bucketed+crc32@{sizes[0]}"])
+               + [f"bucketed-fresh@{sizes[0]}", f"bucketed+crc32@{sizes[0]}", f"chunked@{sizes[0]}", "flat+copy"])
     world = 1 + args.receivers
     store = open_rendezvous("127.0.0.1", 0, world, args.timeout_s)
     # control plane for per_tensor_rpc: authenticated multiprocessing.connection links, one per receiver
@@ -212,14 +257,13 @@ def main(argv=None) -> dict:
                    for m in metas]
         flat = torch.empty(total, dtype=torch.uint8)
         group = WeightGroup.join("127.0.0.1", store.port, 0, world, "gloo", args.timeout_s, store=store)
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for method in schedule(methods, args.repeats):
-            t0 = time.perf_counter()
-            run_trial(group, 0, method, metas, tensors, flat, bucket_bytes, rpc)
-            if not method.startswith("warmup:"):
-                times[method].append(time.perf_counter() - t0)
+        times, cpu0 = timed_trials(group, 0, methods, args.repeats, metas, tensors, flat, bucket_bytes, rpc)
         group.close()
+        cpus = [cpu0]
         for conn in rpc:
+            if not conn.poll(args.timeout_s):
+                raise RuntimeError(f"a receiver sent no CPU times within {args.timeout_s:.0f}s")
+            cpus.append(conn.recv())
             conn.close()
     finally:
         listener.close()
@@ -228,6 +272,9 @@ def main(argv=None) -> dict:
             if p.is_alive():
                 p.kill()
     med = {m: statistics.median(v) for m, v in times.items()}
+    # CPU seconds of every process together, per trial (median); divided by the wall time: cores kept busy
+    cpu_total = {m: statistics.median([sum(c[m][i] for c in cpus) for i in range(len(times[m]))]) for m in methods}
+    cpu_sender = {m: statistics.median(cpu0[m]) for m in methods}
     best_t = {m: min(v) for m, v in times.items()}  # on a shared, noisy machine the best run is the cleanest
     best = min((m for m in methods if m.startswith("bucketed@")), key=lambda m: med[m])
     crc = f"bucketed+crc32@{sizes[0]}"
@@ -238,6 +285,8 @@ def main(argv=None) -> dict:
         "backend": "gloo (loopback)", "host": platform.node(), "cpus": os.cpu_count(),
         "load_avg_1m_at_end": os.getloadavg()[0],
         "times_s": times, "median_s": med, "min_s": best_t,
+        "cpu_s_all_processes_median": cpu_total, "cpu_s_sender_median": cpu_sender,
+        "cores_busy": {m: cpu_total[m] / med[m] for m in methods},
         "gb_per_s_median": {m: total / t / 1e9 for m, t in med.items()},
         "best_bucketed": best,
         # fraction of the flat limit's throughput (1.0 = as fast as one flat broadcast)
@@ -255,10 +304,12 @@ def main(argv=None) -> dict:
     print(f"model: {n_params / 1e6:.1f}M params, {len(metas)} tensors, {args.dtype}, {total / 2**20:.0f} MiB; "
           f"{args.receivers} receivers; gloo loopback; buckets (MiB: count) {result['n_buckets']}; "
           f"load avg {result['load_avg_1m_at_end']:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'method':<22}{'median s':>10}{'min s':>8}{'GB/s':>7}{'vs flat':>9}   all runs (s)")
+    print(f"{'method':<22}{'median s':>10}{'min s':>8}{'GB/s':>7}{'vs flat':>9}{'CPU s':>7}{'CPU/wall':>9}"
+          f"   all runs (s)")
     for m in methods:
         print(f"{m:<22}{med[m]:>10.3f}{best_t[m]:>8.3f}{result['gb_per_s_median'][m]:>7.2f}"
-              f"{med['flat'] / med[m]:>9.2f}   " + " ".join(f"{t:.3f}" for t in times[m]))
+              f"{med['flat'] / med[m]:>9.2f}{cpu_total[m]:>7.3f}{cpu_total[m] / med[m]:>9.2f}   "
+              + " ".join(f"{t:.3f}" for t in times[m]))
     r, q = result["bucketed_vs_flat"], result["per_tensor_over_bucketed"]
     print(f"{best}: {r['median']:.2f}x (median) / {r['min']:.2f}x (best run) of the flat limit (goal ≥ 0.8); "
           f"per-tensor takes {q['median']:.2f}x / {q['min']:.2f}x the bucketed time (goal ≥ 10)")

@@ -84,7 +84,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=dtype_from_name(self.dtype)).element_size()
+        return self.numel * dtype_from_name(self.dtype).itemsize
 
     def to_wire(self) -> tuple:
         return (self.name, self.dtype, list(self.shape))

@@ -29,6 +29,7 @@ so it knows a bucket's checksum only after packing it; sending them up front wou
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import Future, TimeoutError as FutureTimeout, wait as wait_futures
 from dataclasses import asdict, dataclass, field
@@ -69,7 +70,14 @@ class SyncMeta:
     def plan(self) -> BucketPlan:
         if self.protocol != SYNC_PROTOCOL:
             raise ValueError(f"weight-sync metadata protocol {self.protocol}, this receiver speaks {SYNC_PROTOCOL}")
-        return plan_buckets([TensorMeta.from_wire(m) for m in self.metas], self.bucket_bytes)
+        return _cached_plan(tuple(TensorMeta.from_wire(m) for m in self.metas), self.bucket_bytes)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_plan(metas: tuple[TensorMeta, ...], bucket_bytes: int) -> BucketPlan:
+    # every sync of a run has the same tensors: the plan (a few ms of Python for a few hundred tensors, paid on
+    # every engine worker before it can post its receives) is derived once
+    return plan_buckets(metas, bucket_bytes)
 
 
 @dataclass
@@ -78,6 +86,19 @@ class SendStats:
     broadcast_s: float = 0.0  # first post → last completion
     n_buckets: int = 0
     wire_bytes: int = 0
+    zero_copy_buckets: int = 0  # sent straight from the source tensor's memory (no packing copy)
+
+
+def _single_slice_view(bucket, held: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """The bucket's bytes as a view of its source tensor when the bucket is one slice of one contiguous tensor
+    (the middle and tail of a tensor larger than the bucket): sent without a packing copy. Otherwise None."""
+    if len(bucket.slices) != 1 or bucket.slices[0].dst_offset != 0:
+        return None
+    s = bucket.slices[0]
+    t = held[s.name]
+    if not t.is_contiguous() or t.device != device or s.nbytes == 0:
+        return None
+    return t.detach().reshape(-1).view(torch.uint8)[s.src_start:s.src_start + s.nbytes]
 
 
 def _signed64(x: int) -> int:
@@ -88,14 +109,18 @@ def send_weights(sender: WeightSender, plan: BucketPlan, tensors: Iterable[tuple
                  checksum_algo: str | None, corrupt_bucket: int | None = None) -> SendStats:
     """Rank 0: pack ``tensors`` (yielded in plan order) into the plan's buckets and broadcast them.
 
+    A bucket that is one slice of one contiguous tensor (the middle of an embedding larger than the bucket) is
+    broadcast from the tensor's own memory, without a packing copy; the tensors must not change until this returns.
+
     Contract: every receiver calls :func:`receive_weights` with the same plan at the same time. ``corrupt_bucket``
-    is a test hook: flip the first byte of that bucket *after* its checksum was taken.
+    is a test hook: flip the first byte of that bucket *after* its checksum was taken (in a packed copy, never in
+    the caller's tensor).
     """
     stats = SendStats(n_buckets=len(plan.buckets), wire_bytes=plan.wire_bytes)
     packer = BucketPacker(plan)
     size = max((b.nbytes for b in plan.buckets), default=0)
     bufs = sender.bucket_buffers(size, 2)
-    pending = [None, None]
+    pending: list = [None, None]
     sums: list[int] = []
     it: Iterator = iter(tensors)
     order = iter(plan.metas)
@@ -118,7 +143,11 @@ def send_weights(sender: WeightSender, plan: BucketPlan, tensors: Iterable[tuple
         if pending[slot] is not None:
             pending[slot].wait()  # the buffer is reused: its previous broadcast must be done
         t0 = time.perf_counter()
-        buf = packer.pack(b, held, out=bufs[slot])
+        buf = _single_slice_view(b, held, sender.group.device) if corrupt_bucket != b.index else None
+        if buf is None:
+            buf = packer.pack(b, held, out=bufs[slot])
+        else:
+            stats.zero_copy_buckets += 1
         if checksum_algo is not None:
             sums.append(checksum(buf, checksum_algo))
         if corrupt_bucket == b.index:
@@ -273,7 +302,7 @@ def run_sync(sender: WeightSender, targets: Sequence[SyncTarget], named_tensors:
     if metas is None:
         named_tensors = list(named_tensors)
         metas = [TensorMeta.of(n, t) for n, t in named_tensors]
-    plan = plan_buckets(metas, bucket_bytes)
+    plan = _cached_plan(tuple(metas), bucket_bytes)
     algo = sender.checksum_algo if verify else None
     meta = SyncMeta(version=version, metas=tuple(m.to_wire() for m in plan.metas), bucket_bytes=bucket_bytes,
                     checksum_algo=algo)

@@ -111,8 +111,9 @@ class WeightGroup:
 class Pending:
     """An in-flight broadcast; ``wait()`` returns when it is done or raises :class:`TransportError`."""
 
-    def __init__(self, work, group: WeightGroup, what: str):
-        self._work, self._group, self._what = work, group, what
+    def __init__(self, work, group: WeightGroup, what: str, buf: torch.Tensor | None = None):
+        # ``buf`` is held until the operation is done: a sender may pass a view of a tensor it then drops
+        self._work, self._group, self._what, self._buf = work, group, what, buf
 
     def wait(self) -> None:
         g = self._group
@@ -193,7 +194,7 @@ def _broadcast(group: WeightGroup, buf: torch.Tensor, what: str) -> Pending:
         work = group.pg.broadcast([buf], opts)
     except Exception as e:
         raise TransportError(f"weight-sync {group.backend} rank {group.rank}: posting {what} failed: {e}") from e
-    return Pending(work, group, what)
+    return Pending(work, group, what, buf)
 
 
 class GlooSender(WeightSender):
