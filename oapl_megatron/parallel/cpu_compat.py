@@ -60,6 +60,10 @@ dist_checkpointing/strategies/filesystem_async.py     ``torch.cuda.synchronize()
 dist_checkpointing/strategies/state_dict_saver.py     cuda flag tensors in the save-plan all-reduce
 ====================================================  ==========================================================
 
+Two more workarounds, for megatron's torch-Adam fallback (no Apex, no TE: always the case on CPU), are called by
+the checkpoint loader around ``dist_checkpointing.load``: :func:`materialise_fresh_adam_state` and
+:func:`restore_adam_steps` (see their docstrings; they do nothing when megatron has Apex or TE).
+
 Use::
 
     from oapl_megatron.parallel.cpu_compat import apply_cpu_compat
@@ -408,3 +412,75 @@ def apply_cpu_compat() -> bool:
 def is_applied() -> bool:
     """Whether :func:`apply_cpu_compat` has patched megatron-core in this process."""
     return _applied
+
+
+# ------------------------------------------------------------------ the torch-Adam fallback (no Apex, no TE)
+# Without Apex or Transformer Engine, megatron-core's DistributedOptimizer wraps a plain torch Adam, and two of
+# its checkpoint paths assume the fused Adam's state layout. trainer/checkpoint.py calls these around
+# dist_checkpointing.load; they do nothing when megatron has Apex or TE. Exercised by tests/test_checkpoint.py
+# (resume gives bitwise-identical Adam state and next steps at TP1 and TP2, and with the DP size changed).
+
+
+def _torch_adam_fallback():
+    """megatron's distrib_optimizer module when it uses the torch-Adam fallback (checked version), else None."""
+    import megatron.core
+    from megatron.core.optimizer import distrib_optimizer
+
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return None
+    check_megatron_version(megatron.core.__version__)
+    return distrib_optimizer
+
+
+def _inner_optimizers(optimizer) -> list:
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def materialise_fresh_adam_state(optimizer) -> None:
+    """Give a never-stepped torch Adam the state of step 0 (zero moments, step 0) so it can be loaded into.
+
+    megatron-core 0.16.1 without Apex/TE (always the case on CPU): ``DistributedOptimizer.state_dict()``
+    reads the step count from the inner torch Adam's per-parameter state (``assert len(steps) == 1``), and
+    ``sharded_state_dict(is_loading=True)`` calls it before loading, so loading into a fresh optimizer fails.
+    Zero moments at step 0 are exactly what torch Adam creates lazily on its first step, so this changes nothing
+    but the allocation time; the load then overwrites every value.
+    """
+    distrib_optimizer = _torch_adam_fallback()
+    if distrib_optimizer is None:
+        return
+    for inner in _inner_optimizers(optimizer):
+        if len(inner.state) > 0:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def restore_adam_steps(optimizer, loaded: dict) -> None:
+    """Set every parameter's torch-Adam ``step`` to the checkpoint's step count, one tensor per parameter.
+
+    megatron-core 0.16.1 without Apex/TE: the dp_reshardable load copies each parameter's
+    ``step`` from a non-persistent placeholder that holds the *pre-load* value, and ``load_state_dict`` gives all
+    parameters one shared step tensor (torch Adam increments it in place once per parameter). The step count
+    itself is saved correctly, in ``param_groups[i]["step"]`` of the optimizer's common state.
+    """
+    distrib_optimizer = _torch_adam_fallback()
+    if distrib_optimizer is None:
+        return
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(chained) == 1:
+        per_opt = [loaded]
+    else:
+        per_opt = [v for _, v in sorted(loaded.items())]
+    for opt, sd in zip(chained, per_opt):
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
+            continue
+        steps = {g["step"] for g in sd["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) != 1:
+            raise ValueError(f"optimizer state has step counts {sorted(steps)}; expected one")
+        step = float(steps.pop())
+        for st in opt.optimizer.state.values():
+            st["step"] = torch.full_like(st["step"], step) if torch.is_tensor(st.get("step")) \
+                else torch.tensor(step, dtype=torch.float32)

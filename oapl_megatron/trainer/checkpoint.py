@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 
 from oapl_megatron.parallel.bootstrap import ParallelContext
+from oapl_megatron.parallel.cpu_compat import materialise_fresh_adam_state, restore_adam_steps
 from oapl_megatron.trainer.optimizer import TrainState
 
 logger = logging.getLogger(__name__)
@@ -237,62 +238,6 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 def _model_keys(chunks: list) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-
-
-def _inner_optimizers(optimizer) -> list:
-    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-
-
-def _materialise_fresh_adam_state(optimizer) -> None:
-    """Give a never-stepped torch Adam the state of step 0 (zero moments, step 0) so it can be loaded into.
-
-    Workaround for megatron-core 0.16.1 without Apex/TE (the CPU case): ``DistributedOptimizer.state_dict()``
-    reads the step count from the inner torch Adam's per-parameter state (``assert len(steps) == 1``), and
-    ``sharded_state_dict(is_loading=True)`` calls it before loading, so loading into a fresh optimizer fails.
-    Zero moments at step 0 are exactly what torch Adam creates lazily on its first step, so this changes nothing
-    but the allocation time; the load then overwrites every value.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
-        return
-    for inner in _inner_optimizers(optimizer):
-        if len(inner.state) > 0:
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-
-
-def _restore_adam_steps(optimizer, loaded: dict) -> None:
-    """Set every parameter's torch-Adam ``step`` to the checkpoint's step count, one tensor per parameter.
-
-    Workaround for megatron-core 0.16.1 without Apex/TE: the dp_reshardable load copies each parameter's
-    ``step`` from a non-persistent placeholder that holds the *pre-load* value, and ``load_state_dict`` gives all
-    parameters one shared step tensor (torch Adam increments it in place once per parameter). The step count
-    itself is saved correctly, in ``param_groups[i]["step"]`` of the optimizer's common state.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
-        return
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    if len(chained) == 1:
-        per_opt = [loaded]
-    else:
-        per_opt = [v for _, v in sorted(loaded.items())]
-    for opt, sd in zip(chained, per_opt):
-        if not isinstance(opt, distrib_optimizer.DistributedOptimizer):
-            continue
-        steps = {g["step"] for g in sd["optimizer"]["param_groups"] if "step" in g}
-        if len(steps) != 1:
-            raise CheckpointError(f"optimizer state has step counts {sorted(steps)}; expected one")
-        step = float(steps.pop())
-        for st in opt.optimizer.state.values():
-            st["step"] = torch.full_like(st["step"], step) if torch.is_tensor(st.get("step")) \
-                else torch.tensor(step, dtype=torch.float32)
 
 
 def _sharded_state(state: TrainState, is_loading: bool) -> dict:
@@ -632,7 +577,7 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, ctx: ParallelCon
     _agree(f"loading checkpoint {path}", err)
     meta, (trainer_state, tracker_src, host_src, extra) = pre
 
-    _materialise_fresh_adam_state(state.optimizer)
+    materialise_fresh_adam_state(state.optimizer)
     sharded = _sharded_state(state, is_loading=True)
     try:
         with torch.no_grad():
@@ -646,7 +591,10 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, ctx: ParallelCon
             for key, chunk in zip(_model_keys(state.chunks), state.chunks):
                 _unwrap(chunk).load_state_dict(loaded[key], strict=True)
             state.optimizer.load_state_dict(loaded["optimizer"])
-            _restore_adam_steps(state.optimizer, loaded["optimizer"])
+            try:
+                restore_adam_steps(state.optimizer, loaded["optimizer"])
+            except ValueError as exc:
+                raise CheckpointError(f"{path / MODEL_OPTIM}: {exc}") from exc
         state.scheduler.load_state_dict(trainer_state["scheduler"])
         state.skipped_steps = int(trainer_state["skipped_steps"])
         _set_rng_state(tracker_src, host_src, meta["step"], ctx)
