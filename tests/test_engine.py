@@ -201,9 +201,12 @@ def _check_generate_sync(group, model, new, sd_names, tied, engines):
             assert group.versions() == {i: 1 for i in range(engines)} and group.version == 1
             kept = group.generate(_requests(), GREEDY)
             assert all(s.policy_version == 1 for s in kept) and _max_err(new, kept) <= 1e-4
-            # the group is still usable after a clean abort
-            assert group.sync_weights(newer.state_dict().items()).version == 2
+            # the group is still usable after a clean abort; a resumed run names the version it restored
+            assert group.sync_weights(newer.state_dict().items(), version=7).version == 7
+            assert group.versions() == {i: 7 for i in range(engines)}
             assert _max_err(newer, group.generate(_requests(), GREEDY)) <= 1e-4
+            with pytest.raises(ValueError, match="already serve version 7"):
+                group.sync_weights(newer.state_dict().items(), version=7)
 
         util = group.utilization()
         assert all(0.0 <= u["idle_fraction"] <= 1.0 and u["busy_s"] > 0 for u in util.values())

@@ -522,14 +522,19 @@ class EngineGroup:
         self._sender = make_sender(self._group)
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], gather_s: float = 0.0,
-                     metas: Sequence[TensorMeta] | None = None, hooks: SyncHooks | None = None) -> SyncReport:
-        """Push full HF-named tensors to every engine; on success all engines serve ``self.version + 1``.
+                     metas: Sequence[TensorMeta] | None = None, hooks: SyncHooks | None = None,
+                     version: int | None = None) -> SyncReport:
+        """Push full HF-named tensors to every engine; on success all engines serve ``version`` (default
+        ``self.version + 1``; a resumed run passes the version it restored, which must be newer than the engines').
 
         Waits (≤ ``rollout.request_timeout_s``) for in-flight generation first; generate/submit calls from other
         threads block until the sync is over, so every request runs entirely on one weight version. See
         :func:`oapl_megatron.weight_sync.sync.run_sync` for phases, errors and what state a failure leaves.
         """
         self._check_open()
+        target = self.version + 1 if version is None else version
+        if target <= self.version:
+            raise ValueError(f"sync to policy version {target}: the engines already serve version {self.version}")
         if self._group_broken:
             raise SyncError(f"the weight-sync group is broken ({self._group_broken}); restart the engines", None,
                             "init")
@@ -538,7 +543,7 @@ class EngineGroup:
                 c.drain(self.cfg.request_timeout_s)
             self.init_weight_group()
             try:
-                report = run_sync(self._sender, self.engines, named_tensors, version=self.version + 1,
+                report = run_sync(self._sender, self.engines, named_tensors, version=target,
                                   bucket_bytes=self.sync_cfg.bucket_mb * 2**20,
                                   verify=self.sync_cfg.verify_checksums, timeout_s=self.sync_cfg.timeout_s,
                                   gather_s=gather_s, metas=metas, hooks=hooks)

@@ -268,9 +268,7 @@ def sync_weights(tr: Trainer, driver: Driver | None, version: int | None = None)
     named = iter_hf_weights(tr.state.chunks, tr.ctx, tr.arch, dst_rank=0, include_tied_lm_head=True)
     out: dict = {}
     if driver is not None:
-        if version is not None:
-            driver.engines.version = version - 1  # sync_weights publishes engines.version + 1
-        report = driver.engines.sync_weights(named)
+        report = driver.engines.sync_weights(named, version=version)
         dropped = driver.buffer.on_sync(report.version)
         driver.producer.on_sync()
         driver.sync_reports.append(report)
