@@ -164,8 +164,8 @@ def _train_and_kill(tmp_path: Path, phase: str) -> Path:
     signal_file = tmp_path / "paused"
     spec = {"mode": "train", "steps": 3, "root": str(root), "save_at": [1, 2, 3], "keep_last": 2,
             "record_at": [2], "out": "killed"}
-    env = _env(tmp_path, {"OAPL_CHECKPOINT_TEST_PAUSE": f"{phase}:3:{signal_file}"})
-    proc = subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env, cwd=REPO,
+    spec["pause"] = {"phase": phase, "step": 3, "signal": str(signal_file)}
+    proc = subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=_env(tmp_path), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
