@@ -42,7 +42,7 @@ def test_trainer_checkpoint_converts_and_serves_in_vllm(tmp_path, capsys):
 
     from oapl_megatron.config.rollout import RolloutConfig
     from oapl_megatron.entrypoints.convert import main as convert_main
-    from oapl_megatron.rollout.engine import EngineGroup
+    from oapl_megatron.rollout.engine_group import EngineGroup
     from oapl_megatron.rollout.types import GenerationRequest, SamplingSpec
 
     model_dir = _tiny_policy(tmp_path / "model")

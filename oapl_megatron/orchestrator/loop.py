@@ -157,7 +157,8 @@ def save(tr: Trainer, driver: Driver | None, step: int) -> float:
                  # every version consumed exactly its L × P groups, so the prompt cursor is step × P
                  "prompts_consumed": step * tr.cfg.train.prompts_per_step}
     save_checkpoint(tr.cfg.checkpoint.resolve_dir(Path(tr.cfg.run_dir)), step, tr.state, tr.ctx, extra or {},
-                    keep_last=tr.cfg.checkpoint.keep_last, config=tr.cfg.model_dump(mode="json"))
+                    keep_last=tr.cfg.checkpoint.keep_last, hf_dir=tr.cfg.model.hf_path,
+                    config=tr.cfg.model_dump(mode="json"))
     return time.perf_counter() - t0
 
 

@@ -420,7 +420,7 @@ def is_applied() -> bool:
 
 # ------------------------------------------------------------------ the torch-Adam fallback (no Apex, no TE)
 # Without Apex or Transformer Engine, megatron-core's DistributedOptimizer wraps a plain torch Adam, and two of
-# its checkpoint paths assume the fused Adam's state layout. trainer/checkpoint.py calls these around
+# its checkpoint paths assume the fused Adam's state layout. trainer/checkpoint/load.py calls these around
 # dist_checkpointing.load; they do nothing when megatron has Apex or TE. Exercised by tests/test_checkpoint.py
 # (resume gives bitwise-identical Adam state and next steps at TP1 and TP2, and with the DP size changed).
 
