@@ -92,6 +92,31 @@ def test_latest_checkpoint_ignores_incomplete_and_cleans_temp_dirs(tmp_path):
     assert not (tmp_path / ".tmp_step_00000013").exists()
 
 
+def test_host_rng_seed_capture_restore():
+    """parallel/rng.py (bootstrap seeds with it, the checkpoint saves/restores/derives with it)."""
+    import random
+
+    import numpy as np
+
+    from oapl_megatron.parallel.rng import derived_seed, host_rng_state, seed_host_rngs, set_host_rng_state
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    seed_host_rngs(7)
+    first = draws()
+    seed_host_rngs(7)
+    saved = host_rng_state()
+    assert draws() == first
+    draws()
+    set_host_rng_state(saved)
+    assert draws() == first
+    # deterministic, distinct per part, in [0, 2**63)
+    a = derived_seed("oapl-rng", "step3", "tp0", "pp1", "dp2")
+    assert a == derived_seed("oapl-rng", "step3", "tp0", "pp1", "dp2") != derived_seed("oapl-rng", "step3", "dp3")
+    assert 0 <= a < 2**63
+
+
 def test_checkpoint_config_bounds_and_defaults(tmp_path):
     cfg = CheckpointConfig()
     assert cfg.resolve_dir(tmp_path) == tmp_path / "checkpoints" and not cfg.due(5)

@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from oapl_megatron.trainer.checkpoint.layout import (
+    FORMAT_VERSION,
     KINDS,
     MARKER,
-    FORMAT_VERSION,
     CheckpointError,
     check_format_version,
     checkpoint_dir,

@@ -23,8 +23,15 @@ import torch
 
 from oapl_megatron.parallel.bootstrap import ParallelContext
 from oapl_megatron.parallel.rng import derived_seed, host_rng_state, seed_host_rngs, set_host_rng_state
-from oapl_megatron.trainer.checkpoint.layout import CheckpointError, FORMAT_VERSION, model_sidecar
 from oapl_megatron.trainer.checkpoint.commit import write_json
+from oapl_megatron.trainer.checkpoint.layout import (
+    FORMAT_VERSION,
+    HF_SUBDIR,
+    SIDECAR,
+    CheckpointError,
+    copy_hf_side_files,
+    model_sidecar,
+)
 
 # dp_reshardable: the distributed optimizer's buffers are saved as they are laid out (per bucket), resharded on
 # load over DP only. Given to the model's and the optimizer's sharded_state_dict alike (the trainer's and the
@@ -148,8 +155,6 @@ def _versions() -> dict:
 def write_rank0_files(tmp: Path, step: int, state, ctx: ParallelContext, extra: dict, config, rng_coords: list,
                       sidecar: dict, hf_dir) -> None:
     """trainer_state.pt, extra.pt, config.json (when given), meta.json, the sidecar and hf/ (rank 0)."""
-    from oapl_megatron.trainer.checkpoint.layout import HF_SUBDIR, SIDECAR, copy_hf_side_files
-
     torch_save({"scheduler": state.scheduler.state_dict(), "skipped_steps": state.skipped_steps},
                tmp / "trainer_state.pt")
     try:
