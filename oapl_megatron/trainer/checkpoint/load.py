@@ -21,6 +21,7 @@ from oapl_megatron.trainer.checkpoint.state import (
     sharded_model_state,
     sharded_train_state,
 )
+from oapl_megatron.trainer.optimizer import TrainState
 
 
 def latest_checkpoint(root: str | os.PathLike, cleanup: bool | None = None) -> Path | None:
@@ -34,7 +35,8 @@ def latest_checkpoint(root: str | os.PathLike, cleanup: bool | None = None) -> P
     return commit.latest_checkpoint(root, cleanup)
 
 
-def load_checkpoint(path: str | os.PathLike, state, ctx: ParallelContext, checksum: bool = True) -> dict:
+def load_checkpoint(path: str | os.PathLike, state: TrainState, ctx: ParallelContext,
+                    checksum: bool = True) -> dict:
     """Restore model, optimizer (Adam moments and step), scheduler, skipped steps and this rank's RNG; return extra.
 
     Collective over every trainer rank. Checks first, before anything is modified: the manifest (a ``training``

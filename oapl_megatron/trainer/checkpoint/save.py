@@ -25,17 +25,18 @@ from oapl_megatron.trainer.checkpoint.state import (
     torch_save,
     write_rank0_files,
 )
+from oapl_megatron.trainer.optimizer import TrainState
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, state, ctx: ParallelContext, extra: dict, keep_last: int,
-                    hf_dir: str | os.PathLike, config=None, checksum: bool = True,
+def save_checkpoint(root: str | os.PathLike, step: int, state: TrainState, ctx: ParallelContext, extra: dict,
+                    keep_last: int, hf_dir: str | os.PathLike, config=None, checksum: bool = True,
                     on_phase: PhaseHook | None = None) -> Path:
     """Write ``root/step_{step:08d}`` atomically and keep the newest ``keep_last`` complete checkpoints.
 
     Collective over every trainer rank (same ``root``/``step``/``keep_last``; ``extra``, ``config`` and
-    ``hf_dir`` are taken from rank 0). ``state``: the :class:`~oapl_megatron.trainer.optimizer.TrainState`;
-    ``hf_dir``: the HF directory the policy was built from (its config and tokenizer files go into ``hf/`` and
-    its architecture into the sidecar, so ``oapl-convert`` reads the checkpoint as it is). Sequence: rank 0
+    ``hf_dir`` are taken from rank 0). ``hf_dir``: the HF directory the policy was built from (its config and
+    tokenizer files go into ``hf/`` and its architecture into the sidecar, so ``oapl-convert`` reads the
+    checkpoint as it is). Sequence: rank 0
     creates the temp dir → all ranks agree → dist_checkpointing save of model + optimizer (collective) → every
     rank writes its RNG file, rank 0 the scheduler/extra/config/meta/sidecar/hf files → all agree → each rank
     fsyncs and checksums its share of the files → rank 0 writes ``COMPLETE``, renames the temp dir into place

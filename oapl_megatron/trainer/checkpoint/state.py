@@ -32,6 +32,7 @@ from oapl_megatron.trainer.checkpoint.layout import (
     copy_hf_side_files,
     model_sidecar,
 )
+from oapl_megatron.trainer.optimizer import TrainState
 
 # dp_reshardable: the distributed optimizer's buffers are saved as they are laid out (per bucket), resharded on
 # load over DP only. Given to the model's and the optimizer's sharded_state_dict alike (the trainer's and the
@@ -56,7 +57,7 @@ def sharded_model_state(chunks: list) -> dict:
             for key, c in zip(model_keys(chunks), chunks)}
 
 
-def sharded_train_state(state, is_loading: bool) -> dict:
+def sharded_train_state(state: TrainState, is_loading: bool) -> dict:
     """The model state plus ``"optimizer"``: the optimizer's sharded state (dp_reshardable)."""
     sd = sharded_model_state(state.chunks)
     sd["optimizer"] = state.optimizer.sharded_state_dict(sd, is_loading=is_loading,
@@ -152,8 +153,8 @@ def _versions() -> dict:
     return out
 
 
-def write_rank0_files(tmp: Path, step: int, state, ctx: ParallelContext, extra: dict, config, rng_coords: list,
-                      sidecar: dict, hf_dir) -> None:
+def write_rank0_files(tmp: Path, step: int, state: TrainState, ctx: ParallelContext, extra: dict, config,
+                      rng_coords: list, sidecar: dict, hf_dir) -> None:
     """trainer_state.pt, extra.pt, config.json (when given), meta.json, the sidecar and hf/ (rank 0)."""
     torch_save({"scheduler": state.scheduler.state_dict(), "skipped_steps": state.skipped_steps},
                tmp / "trainer_state.pt")
