@@ -7,7 +7,7 @@ The logic behind ``oapl-convert`` (see :mod:`oapl_megatron.entrypoints.convert`)
     mcore_to_hf(run_checkpoint("runs/demo"), "out/demo-hf")     # the newest complete checkpoint of a run
     reshard("ckpt/qwen3", "ckpt/qwen3-tp1", tp=1, pp=1)
 
-plus :func:`write_hf_checkpoint`, which the train loop uses to export the live policy.
+plus :func:`write_hf_checkpoint`, which the orchestrator uses to export the live policy.
 
 One checkpoint format (:mod:`oapl_megatron.trainer.checkpoint.layout`): a trainer checkpoint
 (``run/checkpoints/step_*``, kind ``training``) converts as it is, and ``hf_to_mcore``/``reshard`` write the same
