@@ -76,7 +76,8 @@ fi
 # 3. Engines (component 1): one engine server per GPU group; each registers host:port in $RUN_DIR/engines/registry.
 "${STEP[@]}" --het-group=1 --nodes={{engine_nodes}} --ntasks-per-node={{engines_per_node}} {{engine_cpus}} \
     --output="$LOG/engine-%t.log" \
-    "${RUNPY[@]}" -m oapl_megatron.launch.engine_task "$LOG/config.yaml" --registry "$RUN_DIR/engines/registry" &
+    "${RUNPY[@]}" -m oapl_megatron.entrypoints.engine_server --config "$LOG/config.yaml" \
+    --register-dir "$RUN_DIR/engines/registry" &
 ENGINES=$!
 
 # 4. Trainer (component 0): torchrun on every trainer node, rendezvous at the first one; resumes after a requeue.

@@ -16,6 +16,7 @@ Run it as ``oapl-train CONFIG [dotted.overrides]`` under torchrun (see README).
 from __future__ import annotations
 
 import datetime
+import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ def run(cfg: RunConfig) -> dict:
                     metrics.update(_evaluate(driver, cfg))
                 driver.log.step(step, metrics)
                 last = metrics
+            if schedule.should_sync(step) and not last_step and _preemption_requested(tr):
+                _checkpoint_and_exit(tr, driver, step, saved="checkpoint_s" in metrics)
         if cfg.export.final_hf:
             export_hf(tr, Path(cfg.run_dir) / "final_hf", driver)
     finally:
@@ -100,6 +103,33 @@ def run(cfg: RunConfig) -> dict:
             driver.log.close()
         shutdown()
     return last
+
+
+# Exit code of every trainer rank after a preemption checkpoint (EX_TEMPFAIL: "try again"); torchrun reports it as
+# a failure, so the Slurm batch script looks for run_dir/preempted.json instead.
+PREEMPTED_EXIT_CODE = 75
+PREEMPT_REQUEST = "PREEMPT"       # run_dir/PREEMPT: written by the batch script's SIGTERM trap (launch/templates)
+PREEMPTED_MARKER = "preempted.json"
+
+
+def _preemption_requested(tr: Trainer) -> bool:
+    """Collective at a sync point: rank 0 looks for run_dir/PREEMPT, every rank gets its answer."""
+    asked = (Path(tr.cfg.run_dir) / PREEMPT_REQUEST).exists() if tr.ctx.rank == 0 else None
+    return bool(_broadcast_object(asked, tr))
+
+
+def _checkpoint_and_exit(tr: Trainer, driver: Driver | None, step: int, saved: bool) -> None:
+    """Preemption: a resumable checkpoint at this sync point (unless one was just taken), a marker for the batch
+    script, then exit every rank with PREEMPTED_EXIT_CODE (run()'s finally stops the engines)."""
+    import json
+
+    seconds = 0.0 if saved else save(tr, driver, step)
+    if driver is not None:
+        marker = {"step": step, "policy_version": driver.engines.version, "checkpoint_s": round(seconds, 3)}
+        (Path(tr.cfg.run_dir) / PREEMPTED_MARKER).write_text(json.dumps(marker))
+        driver.log.print(f"[oapl-train] preemption requested: checkpointed step {step}; exiting with code "
+                         f"{PREEMPTED_EXIT_CODE} (resume with --resume)")
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def _final_save(cfg: RunConfig, step: int, driver: Driver | None) -> bool:
@@ -192,7 +222,8 @@ def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
     run_dir = Path(cfg.run_dir)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     task = make_task(cfg.task, tokenizer)
-    engines = EngineGroup(cfg.model.hf_path, cfg.rollout, cfg.weight_sync, log_dir=run_dir / "engines").start()
+    engines = EngineGroup(cfg.model.hf_path, cfg.rollout, cfg.weight_sync, log_dir=run_dir / "engines",
+                          engine_devices=_engine_devices(cfg)).start()
     try:
         buffer = RolloutBuffer(cfg.loop.buffer_groups, cfg.loop.buffer, cfg.loop.max_staleness)
         budget = cfg.loop.lag * cfg.train.prompts_per_step if cfg.loop.buffer == "clear" else None
@@ -204,6 +235,21 @@ def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
         engines.shutdown()
         raise
     return Driver(engines, producer, buffer, task, tokenizer, log, synced_at={engines.version: start_step})
+
+
+def _engine_devices(cfg: RunConfig) -> list[str | None] | None:
+    """Local mode: CUDA_VISIBLE_DEVICES of each engine by the placement rule (trainer local ranks on GPUs 0..T−1,
+    engines on the next engine_tp GPUs each, or rollout.devices); None everywhere on a CPU node."""
+    if cfg.rollout.mode != "local":
+        return None
+    from oapl_megatron.launch.placement import parse_visible, place_node
+
+    place = place_node(torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), cfg.rollout.engines,
+                       cfg.rollout.engine_tp, cfg.rollout.devices,
+                       visible=parse_visible(os.environ.get("CUDA_VISIBLE_DEVICES")),
+                       ranks_field="torchrun --nproc-per-node")
+    print(f"[oapl-train] {place.describe()}", flush=True)
+    return [place.engine_env(i).get("CUDA_VISIBLE_DEVICES") for i in range(cfg.rollout.engines)]
 
 
 def _broadcast_object(obj, tr: Trainer):
