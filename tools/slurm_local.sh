@@ -4,6 +4,7 @@
 #   tools/slurm_local.sh start    # install (apt, once) + start munged, slurmctld and two slurmd (node1, node2)
 #   tools/slurm_local.sh status   # exit 0 when every node answers and is usable
 #   tools/slurm_local.sh stop     # cancel the cluster's jobs, stop only the daemons this script started
+#   tools/slurm_local.sh kick     # make the scheduler look at the queue now (see below)
 #
 # Idempotent: `start` on a running cluster only checks it. Two slurmd processes on one host are needed because
 # heterogeneous jobs need two nodes (the backfill scheduler, which alone starts het jobs, never places both
@@ -11,6 +12,9 @@
 # Needs root and apt (Debian 12: Slurm 22.05, munge 0.5). State, logs and pid files: $OAPL_SLURM_DIR
 # (default /var/lib/oapl-slurm). The config is written there and to /etc/slurm/slurm.conf unless that file exists
 # and was not written by this script (then export SLURM_CONF=$OAPL_SLURM_DIR/slurm.conf to use this cluster).
+# A requeued heterogeneous job becomes eligible ≈ 11 s after the requeue, but only the backfill scheduler starts
+# het jobs and it runs only after some state change; on this otherwise idle cluster nothing changes, so `kick`
+# (a no-op `scontrol setdebug`) makes it look again. Busy real clusters have such events all the time.
 # Exit codes: 0 ok; 3 cannot start here (not root, no apt, install failed); 4 started but nodes not usable.
 set -euo pipefail
 
@@ -161,5 +165,6 @@ case "${1:-start}" in
     start) start ;;
     stop) stop ;;
     status) nodes_ready ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    kick) scontrol setdebug "$(scontrol show config | awk -F'= ' '/^SlurmctldDebug/ {print $2}')" ;;
+    *) echo "usage: $0 start|stop|status|kick" >&2; exit 2 ;;
 esac

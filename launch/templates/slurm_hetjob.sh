@@ -58,13 +58,13 @@ on_term() {
 trap on_term TERM
 
 # 1. Before anything starts: processes left by earlier attempts of this run and stale /dev/shm segments.
-"${STEP[@]}" --het-group=0,1 --ntasks-per-node=1 --output="$LOG/cleanup-%N.log" \
+"${STEP[@]}" --het-group=0,1 --ntasks-per-node=1 --output="$LOG/cleanup-node%t.log" \
     "${RUNPY[@]}" -m oapl_megatron.launch.node_cleanup \
     || say "warning: cleanup failed on some node (see $LOG/cleanup-*.log)"
 
 # 2. Pre-flight: a GEMM on every device and a collective over all nodes; slow or failing nodes are named.
 if {{preflight}}; then
-    if ! "${STEP[@]}" --het-group=0,1 --ntasks-per-node=1 --output="$LOG/preflight-%N.log" \
+    if ! "${STEP[@]}" --het-group=0,1 --ntasks-per-node=1 --output="$LOG/preflight-node%t.log" \
         "${RUNPY[@]}" -m oapl_megatron.launch.preflight --master "$HEAD_ADDR:$((RDZV_PORT + 1))" \
         --out "$LOG/preflight" --slow-ratio {{preflight_slow_ratio}} {{preflight_fail_slow}}; then
         say "ERROR: pre-flight failed: $(cat "$LOG/preflight/summary.txt" 2>/dev/null || echo 'see preflight logs')"
@@ -84,13 +84,15 @@ ENGINES=$!
 RESUME=()
 [[ $ATTEMPT -gt 0 ]] && RESUME=(--resume)
 "${STEP[@]}" --het-group=0 --nodes={{trainer_nodes}} --ntasks-per-node=1 {{trainer_cpus}} \
-    --output="$LOG/trainer-%N.log" \
+    --output="$LOG/trainer-node%t.log" \
     "${RUNPY[@]}" -m torch.distributed.run --nnodes={{trainer_nodes}} --nproc-per-node={{trainer_ranks_per_node}} \
     --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$RDZV_PORT" --rdzv-id="oapl_$SLURM_JOB_ID" --max-restarts=0 \
     -m oapl_megatron.entrypoints.train "$LOG/config.yaml" weight_sync.host="$HEAD_ADDR" "${RESUME[@]}" &
 TRAINER=$!
 
-stop_step() {  # stop_step PID NAME: the srun of a step (SIGTERM to srun kills the step's tasks), bounded wait
+stop_step() {  # stop_step PID NAME [GRACE_S]: let the step end by itself ≤ GRACE_S, then SIGTERM its srun (which
+    # kills the step's tasks), bounded wait
+    for _ in $(seq $(( ${3:-0} * 2 ))); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.5; done
     kill -0 "$1" 2>/dev/null || return 0
     say "stopping the $2"
     kill -TERM "$1" 2>/dev/null
@@ -118,7 +120,7 @@ while [[ -z $TRAINER_RC ]]; do
     fi
     sleep 1 & wait $! 2>/dev/null
 done
-stop_step "$ENGINES" "engine servers"   # normally they already left when the trainer disconnected
+stop_step "$ENGINES" "engine servers" 30   # normally they leave by themselves when the trainer disconnects
 wait "$ENGINES" 2>/dev/null
 
 if [[ $PREEMPTED -eq 1 ]]; then
