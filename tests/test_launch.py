@@ -169,7 +169,7 @@ def test_dry_run_script_for_two_gpu_nodes_field_by_field(tmp_path):
     assert '[[ $ATTEMPT -gt 0 ]] && RESUME=(--resume)' in script
     # container: every step through pyxis, with the repository and the run directory mounted
     step = shlex.split(re.search(r"STEP=\((.*)\)", script).group(1))
-    assert step[:2] == ["srun", "--kill-on-bad-exit=1"]
+    assert step[:3] == ["setsid", "srun", "--kill-on-bad-exit=1"]
     assert "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" in step
     mounts = next(a for a in step if a.startswith("--container-mounts=")).split("=", 1)[1].split(",")
     assert f"{tmp_path / 'run'}:{tmp_path / 'run'}" in mounts and f"{REPO}:{REPO}" in mounts

@@ -156,8 +156,8 @@ def test_killing_the_engine_step_ends_the_job_naming_the_engine(slurm, demo_mode
 
 
 def test_preemption_checkpoints_requeues_and_resumes_bitwise(slurm, demo_model, tmp_path):
-    """SIGTERM to the batch shell (what ``--signal=B:TERM@N`` sends before the time limit) → the trainer checkpoints at
-    its next sync point (periodic checkpoints are off: that checkpoint is the only one) → the job requeues itself
+    """``scancel --full --signal=TERM`` (emulated preemption; like ``--signal=B:TERM@N`` before the time limit it
+    reaches the batch shell, whose sruns run in sessions of their own) → the trainer checkpoints at its next sync point (periodic checkpoints are off: that checkpoint is the only one) → the job requeues itself
     → attempt 1 resumes with --resume and finishes; its metrics equal an uninterrupted run's, bitwise."""
     common = ("train.steps=8", "checkpoint.every_steps=0", *SHORT)
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "preempted"
@@ -165,7 +165,7 @@ def test_preemption_checkpoints_requeues_and_resumes_bitwise(slurm, demo_model, 
     assert wait_done(ref, 900) == "COMPLETED"
     job = submit(run_dir, demo_model, *common)
     wait_for_step(run_dir, 3, job, 600)
-    subprocess.run(["scancel", "--batch", "--signal=TERM", str(job)], check=True)
+    subprocess.run(["scancel", "--full", "--signal=TERM", str(job)], check=True)
     assert wait_done(job, 900) == "COMPLETED"
     assert job_state(job)[1] == 1  # one requeue
     marker = json.loads((run_dir / "slurm" / "attempt-0" / "batch.log").read_text()

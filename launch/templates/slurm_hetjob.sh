@@ -43,7 +43,10 @@ say "job $SLURM_JOB_ID attempt $ATTEMPT: trainer nodes $SLURM_JOB_NODELIST_HET_G
 say "{{placement}}"
 
 # Every step of this job on every node: srun with the container flags (if any), fail fast on any task's failure.
-STEP=(srun --kill-on-bad-exit=1 {{srun_container}})
+# setsid: srun answers SIGTERM by killing its step ("forcing job termination"); in a session of its own it is out of
+# reach of a SIGTERM meant for this shell (`scancel --full --signal=TERM` signals the shell's process group), so the
+# trap below can ask the trainer for a checkpoint instead. `kill $PID` of an srun still stops its step.
+STEP=(setsid srun --kill-on-bad-exit=1 {{srun_container}})
 RUNPY=({{run_prefix}} "$PY")
 
 # Preemption (--signal=B:TERM@N, scancel -b/--full --signal=TERM): the trainer checkpoints at its next sync point
