@@ -159,9 +159,10 @@ def test_dry_run_script_for_two_gpu_nodes_field_by_field(tmp_path):
     # het groups: engines in group 1 (4 servers of 2 GPUs), torchrun in group 0 with a c10d rendezvous at the head
     eng = re.search(r'"\$\{STEP\[@\]\}" --het-group=1 (.*?) &\n', script, re.S).group(1)
     assert "--nodes=1 --ntasks-per-node=4" in eng and "entrypoints.engine_server --config" in eng
+    assert '--cpus-per-task="$ENGINE_CPUS" --gpus-per-node=8' in eng
     assert '--register-dir "$RUN_DIR/engines/registry"' in eng
     tr = re.search(r'"\$\{STEP\[@\]\}" --het-group=0 (.*?) &\n', script, re.S).group(1)
-    for piece in ("--nnodes=1 --nproc-per-node=8", "--rdzv-backend=c10d", '--rdzv-endpoint="$HEAD_ADDR:$RDZV_PORT"',
+    for piece in ('--cpus-per-task="$TRAINER_CPUS"', "--gpus-per-node=8", "--nnodes=1 --nproc-per-node=8", "--rdzv-backend=c10d", '--rdzv-endpoint="$HEAD_ADDR:$RDZV_PORT"',
                   '--rdzv-id="oapl_$SLURM_JOB_ID"', "entrypoints.train", 'weight_sync.host="$HEAD_ADDR"',
                   '"${RESUME[@]}"'):
         assert piece in tr, piece
@@ -169,7 +170,7 @@ def test_dry_run_script_for_two_gpu_nodes_field_by_field(tmp_path):
     assert '[[ $ATTEMPT -gt 0 ]] && RESUME=(--resume)' in script
     # container: every step through pyxis, with the repository and the run directory mounted
     step = shlex.split(re.search(r"STEP=\((.*)\)", script).group(1))
-    assert step[:3] == ["setsid", "srun", "--kill-on-bad-exit=1"]
+    assert step[:4] == ["setsid", "-w", "srun", "--kill-on-bad-exit=1"]
     assert "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" in step
     mounts = next(a for a in step if a.startswith("--container-mounts=")).split("=", 1)[1].split(",")
     assert f"{tmp_path / 'run'}:{tmp_path / 'run'}" in mounts and f"{REPO}:{REPO}" in mounts

@@ -38,6 +38,12 @@ export OAPL_ENGINE_AUTHKEY=$("$PY" -c 'import secrets; print(secrets.token_hex(3
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0" | head -n 1)
 HEAD_ADDR=$(scontrol show node "$HEAD" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
 RDZV_PORT=$(( {{rdzv_port}} + SLURM_JOB_ID % 1000 ))
+# Since Slurm 22.05 srun does not inherit --cpus-per-task: give each step the CPUs its component holds per node
+# (torchrun and its ranks share the trainer node's; each engine server gets its share of an engine node's).
+cpus_of() { local v="${1%%(*}"; echo "${v%%,*}"; }   # "64(x2)" → 64
+TRAINER_CPUS=$(cpus_of "$SLURM_JOB_CPUS_PER_NODE_HET_GROUP_0")
+ENGINE_CPUS=$(( $(cpus_of "$SLURM_JOB_CPUS_PER_NODE_HET_GROUP_1") / {{engines_per_node}} ))
+(( ENGINE_CPUS >= 1 )) || ENGINE_CPUS=1
 say "job $SLURM_JOB_ID attempt $ATTEMPT: trainer nodes $SLURM_JOB_NODELIST_HET_GROUP_0 (head $HEAD_ADDR:$RDZV_PORT)," \
     "engine nodes $SLURM_JOB_NODELIST_HET_GROUP_1"
 say "{{placement}}"
@@ -46,7 +52,7 @@ say "{{placement}}"
 # setsid: srun answers SIGTERM by killing its step ("forcing job termination"); in a session of its own it is out of
 # reach of a SIGTERM meant for this shell (`scancel --full --signal=TERM` signals the shell's process group), so the
 # trap below can ask the trainer for a checkpoint instead. `kill $PID` of an srun still stops its step.
-STEP=(setsid srun --kill-on-bad-exit=1 {{srun_container}})
+STEP=(setsid -w srun --kill-on-bad-exit=1 {{srun_container}})
 RUNPY=({{run_prefix}} "$PY")
 
 # Preemption (--signal=B:TERM@N, scancel -b/--full --signal=TERM): the trainer checkpoints at its next sync point
@@ -67,7 +73,7 @@ trap on_term TERM
 
 # 2. Pre-flight: a GEMM on every device and a collective over all nodes; slow or failing nodes are named.
 if {{preflight}}; then
-    if ! "${STEP[@]}" --het-group=0,1 --ntasks-per-node=1 --output="$LOG/preflight-node%t.log" \
+    if ! "${STEP[@]}" --het-group=0,1 --ntasks-per-node=1 {{step_gpus}} --output="$LOG/preflight-node%t.log" \
         "${RUNPY[@]}" -m oapl_megatron.launch.preflight --master "$HEAD_ADDR:$((RDZV_PORT + 1))" \
         --out "$LOG/preflight" --slow-ratio {{preflight_slow_ratio}} {{preflight_fail_slow}}; then
         say "ERROR: pre-flight failed: $(cat "$LOG/preflight/summary.txt" 2>/dev/null || echo 'see preflight logs')"
@@ -77,7 +83,8 @@ if {{preflight}}; then
 fi
 
 # 3. Engines (component 1): one engine server per GPU group; each registers host:port in $RUN_DIR/engines/registry.
-"${STEP[@]}" --het-group=1 --nodes={{engine_nodes}} --ntasks-per-node={{engines_per_node}} {{engine_cpus}} \
+"${STEP[@]}" --het-group=1 --nodes={{engine_nodes}} --ntasks-per-node={{engines_per_node}} \
+    --cpus-per-task="$ENGINE_CPUS" {{step_gpus}} \
     --output="$LOG/engine-%t.log" \
     "${RUNPY[@]}" -m oapl_megatron.entrypoints.engine_server --config "$LOG/config.yaml" \
     --register-dir "$RUN_DIR/engines/registry" &
@@ -86,7 +93,8 @@ ENGINES=$!
 # 4. Trainer (component 0): torchrun on every trainer node, rendezvous at the first one; resumes after a requeue.
 RESUME=()
 [[ $ATTEMPT -gt 0 ]] && RESUME=(--resume)
-"${STEP[@]}" --het-group=0 --nodes={{trainer_nodes}} --ntasks-per-node=1 {{trainer_cpus}} \
+"${STEP[@]}" --het-group=0 --nodes={{trainer_nodes}} --ntasks-per-node=1 --cpus-per-task="$TRAINER_CPUS" \
+    {{step_gpus}} \
     --output="$LOG/trainer-node%t.log" \
     "${RUNPY[@]}" -m torch.distributed.run --nnodes={{trainer_nodes}} --nproc-per-node={{trainer_ranks_per_node}} \
     --rdzv-backend=c10d --rdzv-endpoint="$HEAD_ADDR:$RDZV_PORT" --rdzv-id="oapl_$SLURM_JOB_ID" --max-restarts=0 \

@@ -130,10 +130,10 @@ def render(cfg, header: str = "rendered by oapl-launch slurm", python: str | Non
         "engine_nodes": str(lc.engine_nodes),
         "engines_per_node": str(place.engines_per_node),
         "engines": str(cfg.rollout.engines),
-        "engine_cpus": f"--cpus-per-task={s.cpus_per_engine}" if s.cpus_per_engine else "",
+        # every step sees all of its node's GPUs; the engines pick theirs by the placement rule
+        "step_gpus": f"--gpus-per-node={gpus}" if gpus else "",
         "trainer_nodes": str(lc.trainer_nodes),
         "trainer_ranks_per_node": str(place.trainer_ranks_per_node),
-        "trainer_cpus": f"--cpus-per-task={s.cpus_per_trainer_node}" if s.cpus_per_trainer_node else "",
     }
     if "OAPL_CONFIG_EOF" in values["config_yaml"]:
         raise ConfigError("the config contains the text OAPL_CONFIG_EOF, which ends the embedded config early")
