@@ -51,6 +51,7 @@ class Driver:
     # policy version → the optimizer step after which the engines started serving it (the age of a sample in
     # optimizer steps is then (step − 1) − synced_at[version])
     synced_at: dict = field(default_factory=lambda: {0: 0})
+    eval_engines: object = None  # started on first use: evaluates the trainer's weights between sync points
 
 
 @dataclass
@@ -78,18 +79,21 @@ def run(cfg: RunConfig) -> dict:
             sync_weights(tr, driver, start_step, version=resumed["policy_version"])
         if driver is not None:
             driver.producer.start()
-            if cfg.eval.every and start_step == 0:
-                driver.log.step(0, {"policy_version": 0, **_evaluate(driver, cfg)})
+        if cfg.eval.every and start_step == 0:
+            evaluation = evaluate_policy(tr, driver, 0, synced=True)
+            if driver is not None:
+                driver.log.step(0, {"policy_version": 0, **evaluation})
         for step in range(start_step + 1, cfg.train.steps + 1):
             metrics = train_one_step(tr, driver, step)
             last_step = step == cfg.train.steps
-            if schedule.should_sync(step) or last_step:
+            synced = schedule.should_sync(step) or last_step
+            if synced:
                 metrics.update(sync_weights(tr, driver, step))
             if cfg.checkpoint.due(step) or (last_step and _final_save(cfg, step, driver)):
                 metrics["checkpoint_s"] = save(tr, driver, step)
+            if cfg.eval.every and (step % cfg.eval.every == 0 or last_step):
+                metrics.update(evaluate_policy(tr, driver, step, synced))
             if driver is not None:
-                if cfg.eval.every and (step % cfg.eval.every == 0 or last_step):
-                    metrics.update(_evaluate(driver, cfg))
                 driver.log.step(step, metrics)
                 last = metrics
             if schedule.should_sync(step) and not last_step and _preemption_requested(tr):
@@ -100,6 +104,8 @@ def run(cfg: RunConfig) -> dict:
         if driver is not None:
             driver.producer.stop()
             driver.engines.shutdown()
+            if driver.eval_engines is not None:
+                driver.eval_engines.shutdown()
             driver.log.close()
         shutdown()
     return last
@@ -362,10 +368,42 @@ def _copy_into_frozen(tr: Trainer) -> None:
             p.copy_(params[name])
 
 
-def _evaluate(driver: Driver, cfg: RunConfig) -> dict:
+def evaluate_policy(tr: Trainer, driver: Driver | None, step: int, synced: bool) -> dict:
+    """Held-out evaluation after optimizer step ``step`` (``synced``: the generation engines were just synced, so
+    they serve the trainer's current weights). Collective when eval.policy=current between sync points (every rank
+    takes part in the weight gather for the evaluation engine); returns the metrics on rank 0, {} elsewhere."""
     from oapl_megatron.orchestrator.evaluation import evaluate
 
-    return evaluate(driver.engines, driver.task, driver.tokenizer, cfg.eval, cfg.rollout)
+    cfg = tr.cfg
+    if cfg.eval.policy == "served" or synced:
+        if driver is None:
+            return {}
+        served_step = driver.synced_at[driver.engines.version]
+        out = evaluate(driver.engines, driver.task, driver.tokenizer, cfg.eval, cfg.rollout)
+        out.update(eval_policy="current" if served_step == step else "served", eval_weights_step=served_step)
+        return out
+    named = iter_hf_weights(tr.state.chunks, tr.ctx, tr.arch, dst_rank=0, include_tied_lm_head=True)
+    if driver is None:
+        for _ in named:  # ranks other than 0 take part in the gather
+            pass
+        return {}
+    engines = _eval_engines(driver, cfg)
+    engines.sync_weights(named)
+    out = evaluate(engines, driver.task, driver.tokenizer, cfg.eval, cfg.rollout)
+    out.update(eval_policy="current", eval_weights_step=step)
+    return out
+
+
+def _eval_engines(driver: Driver, cfg: RunConfig):
+    """The evaluation engine (one, local), started on first use."""
+    if driver.eval_engines is None:
+        from oapl_megatron.rollout.engine_group import EngineGroup
+
+        rollout = cfg.rollout.model_copy(update={"engines": 1, "mode": "local", "addresses": []})
+        driver.eval_engines = EngineGroup(cfg.model.hf_path, rollout, cfg.weight_sync,
+                                          log_dir=Path(cfg.run_dir) / "eval_engine",
+                                          engine_devices=[cfg.eval.engine_devices]).start()
+    return driver.eval_engines
 
 
 def export_hf(tr: Trainer, out_dir: Path, driver: Driver | None) -> None:
