@@ -52,6 +52,7 @@ class Driver:
     # optimizer steps is then (step − 1) − synced_at[version])
     synced_at: dict = field(default_factory=lambda: {0: 0})
     eval_engines: object = None  # started on first use: evaluates the trainer's weights between sync points
+    eval_devices: str | None = None  # its CUDA_VISIBLE_DEVICES by the placement rule (None: eval.engine_devices)
 
 
 @dataclass
@@ -228,8 +229,9 @@ def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
     run_dir = Path(cfg.run_dir)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     task = make_task(cfg.task, tokenizer)
+    devices = _engine_devices(cfg)
     engines = EngineGroup(cfg.model.hf_path, cfg.rollout, cfg.weight_sync, log_dir=run_dir / "engines",
-                          engine_devices=_engine_devices(cfg)).start()
+                          engine_devices=devices[:cfg.rollout.engines] if devices else None).start()
     try:
         buffer = RolloutBuffer(cfg.loop.buffer_groups, cfg.loop.buffer, cfg.loop.max_staleness)
         budget = cfg.loop.lag * cfg.train.prompts_per_step if cfg.loop.buffer == "clear" else None
@@ -240,22 +242,33 @@ def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
     except BaseException:
         engines.shutdown()
         raise
-    return Driver(engines, producer, buffer, task, tokenizer, log, synced_at={engines.version: start_step})
+    driver = Driver(engines, producer, buffer, task, tokenizer, log, synced_at={engines.version: start_step})
+    if devices and len(devices) > cfg.rollout.engines:
+        driver.eval_devices = devices[-1]
+    return driver
+
+
+def _needs_eval_engine(cfg: RunConfig) -> bool:
+    """eval.policy=current evaluates between sync points on an evaluation engine of its own (see evaluate_policy)."""
+    return bool(cfg.eval.every) and cfg.eval.policy == "current" and cfg.eval.every % cfg.loop.lag != 0
 
 
 def _engine_devices(cfg: RunConfig) -> list[str | None] | None:
-    """Local mode: CUDA_VISIBLE_DEVICES of each engine by the placement rule (trainer local ranks on GPUs 0..T−1,
-    engines on the next engine_tp GPUs each, or rollout.devices); None everywhere on a CPU node."""
+    """Local mode: CUDA_VISIBLE_DEVICES of each generation engine by the placement rule (trainer local ranks on GPUs
+    0..T−1, engines on the next engine_tp GPUs each, or rollout.devices), then of the evaluation engine when one is
+    needed and eval.engine_devices is unset; None everywhere on a CPU node."""
     if cfg.rollout.mode != "local":
         return None
     from oapl_megatron.launch.placement import parse_visible, place_node
 
-    place = place_node(torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), cfg.rollout.engines,
+    extra = _needs_eval_engine(cfg) and cfg.eval.engine_devices is None and cfg.rollout.devices is None
+    engines = cfg.rollout.engines + int(extra)
+    place = place_node(torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), engines,
                        cfg.rollout.engine_tp, cfg.rollout.devices,
                        visible=parse_visible(os.environ.get("CUDA_VISIBLE_DEVICES")),
                        ranks_field="torchrun --nproc-per-node")
-    print(f"[oapl-train] {place.describe()}", flush=True)
-    return [place.engine_env(i).get("CUDA_VISIBLE_DEVICES") for i in range(cfg.rollout.engines)]
+    print(f"[oapl-train] {place.describe()}" + (f" (engine {engines - 1}: evaluation)" if extra else ""), flush=True)
+    return [place.engine_env(i).get("CUDA_VISIBLE_DEVICES") for i in range(engines)]
 
 
 def _broadcast_object(obj, tr: Trainer):
@@ -402,7 +415,7 @@ def _eval_engines(driver: Driver, cfg: RunConfig):
         rollout = cfg.rollout.model_copy(update={"engines": 1, "mode": "local", "addresses": []})
         driver.eval_engines = EngineGroup(cfg.model.hf_path, rollout, cfg.weight_sync,
                                           log_dir=Path(cfg.run_dir) / "eval_engine",
-                                          engine_devices=[cfg.eval.engine_devices]).start()
+                                          engine_devices=[cfg.eval.engine_devices or driver.eval_devices]).start()
     return driver.eval_engines
 
 
