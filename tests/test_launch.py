@@ -264,3 +264,14 @@ def test_node_cleanup_stops_only_earlier_attempts_of_this_run(tmp_path):
         for p in (old, current, other_run):
             p.kill()
             p.wait()
+
+
+def test_local_launcher_leaves_the_engines_their_gpus():
+    from oapl_megatron.entrypoints.launch import _default_ranks
+
+    def cfg(*o):
+        return load_config(RunConfig, REPO / "configs" / "demo.yaml", list(o))
+
+    assert _default_ranks(cfg(), 0) == 2                                   # CPU: tp × pp
+    assert _default_ranks(cfg("rollout.engines=2", "rollout.engine_tp=2"), 8) == 4
+    assert _default_ranks(cfg("rollout.engines=2", "rollout.devices=[6,7]"), 8) == 6

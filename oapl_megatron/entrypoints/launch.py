@@ -84,7 +84,7 @@ def _local(cfg, args) -> int:
     from oapl_megatron.launch.placement import check_trainer_grid, place_node
 
     gpus = local_gpu_count()
-    nproc = args.nproc or (cfg.launch.trainer_ranks_per_node or gpus or cfg.parallel.tp * cfg.parallel.pp)
+    nproc = args.nproc or cfg.launch.trainer_ranks_per_node or _default_ranks(cfg, gpus)
     check_trainer_grid(nproc, 1, cfg.parallel.tp, cfg.parallel.pp, gpus, ranks_field="--nproc")
     if cfg.rollout.mode == "local":
         print("[oapl-launch] " + place_node(gpus, nproc, cfg.rollout.engines, cfg.rollout.engine_tp,
@@ -99,6 +99,16 @@ def _local(cfg, args) -> int:
     if rc:
         print(f"[oapl-launch] the job failed (exit code {rc}); no process of it is left", file=sys.stderr)
     return rc
+
+
+def _default_ranks(cfg, gpus: int) -> int:
+    """CPU: one model replica (tp × pp). GPU: every GPU the engines leave (local engines) or every GPU."""
+    if not gpus:
+        return cfg.parallel.tp * cfg.parallel.pp
+    ro = cfg.rollout
+    if ro.mode != "local":
+        return gpus
+    return min(ro.devices) if ro.devices else max(1, gpus - ro.engines * ro.engine_tp)
 
 
 def _slurm(cfg, args, argv: list[str]) -> int:

@@ -1,8 +1,9 @@
 """One node: torchrun with N trainer ranks, the engines spawned by rank 0 on the GPUs the trainer leaves free.
 
 ``oapl-launch local CONFIG [overrides] [--resume] [--nproc N]`` (or ``launch/torchrun.sh``) takes the same
-arguments as ``oapl-train`` and adds what a bare ``torchrun`` leaves to the user: the rank count from the config
-(``launch.trainer_ranks_per_node``, else one per GPU, else tp × pp on CPU), the placement printout, and teardown —
+arguments as ``oapl-train`` and adds what a bare ``torchrun`` leaves to the user: the rank count
+(``--nproc``, ``launch.trainer_ranks_per_node``, else every GPU the local engines leave, tp × pp on CPU), the
+placement printout, and teardown —
 the job runs in its own session; when any part dies torchrun stops the other ranks, rank 0's engines die with it
 (``PR_SET_PDEATHSIG``), and this launcher then kills every process it has seen in the job that is still alive.
 SIGINT/SIGTERM to the launcher are forwarded. The exit code is torchrun's (non-zero when any part failed).
