@@ -4,7 +4,8 @@ that registers itself).
 
 Skipped with the reason where the cluster cannot be started (not root, no apt). The warm-started demo model is
 reused from ``runs/demo/warmstart`` (``make demo``) or built once into ``runs/test_cache`` by the demo's own code.
-Cost on an idle 2-core machine: the demo run ≈ 4 min, the kill test ≈ 40 s, the preemption pair ≈ 3 min.
+Measured on the shared 2-core VM at a load average of 40-60 (other jobs running): the demo run 15 min, the kill
+test and the preemption pair 11 min together; the demo's RL phase alone takes ≈ 200 s on an idle machine (README).
 """
 
 from __future__ import annotations
