@@ -45,8 +45,9 @@ class RolloutConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self):
         if self.mode == "cluster" and self.addresses and len(self.addresses) != self.engines:
-            raise ValueError(f"rollout.addresses: give one host:port per engine, or none to let engines register "
-                             f"(rollout.engines={self.engines}, got {len(self.addresses)} addresses)")
+            raise ValueError(f"rollout.addresses: cluster mode needs one host:port per engine "
+                             f"(rollout.engines={self.engines}, got {len(self.addresses)} addresses), or none: the "
+                             "engines then register in <run_dir>/engines/registry")
         if self.mode == "local" and self.addresses:
             raise ValueError("rollout.addresses is only used with rollout.mode='cluster'; remove it or set the mode")
         for a in self.addresses:
