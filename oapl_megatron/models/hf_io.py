@@ -298,13 +298,48 @@ def iter_hf_weights(chunks, ctx, arch, dst_rank: int = 0, *, include_tied_lm_hea
     On dst a yielded tensor may alias the model's own parameter (replicated tensors, TP=1): copy it if it must
     outlive the next optimizer step. Memory on dst is bounded by what the caller keeps.
     """
+    _, tensors = gather_hf_weights(chunks, ctx, arch, dst_rank, include_tied_lm_head=include_tied_lm_head,
+                                   tensor_of=tensor_of)
+    yield from tensors
+
+
+def gather_hf_weights(chunks, ctx, arch, dst_rank: int = 0, *, include_tied_lm_head: bool = True,
+                      tensor_of: Callable[[str, torch.nn.Parameter], torch.Tensor] | None = None
+                      ) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], Iterator[tuple[str, torch.Tensor]]]:
+    """:func:`iter_hf_weights` with the metadata up front: ``(metas, tensors)``.
+
+    ``metas`` lists ``(hf_name, dtype, shape)`` of every tensor ``tensors`` will yield on ``dst_rank``, in order,
+    derived from the architecture and the dtype table without materialising any tensor: a weight sync can plan
+    its buckets and stream the gather into the broadcast (rank 0 then holds a few buckets, not the model).
+    ``metas`` is the same on every rank of dst's replica, empty elsewhere.
+
+    Collective: the dtype-table ``all_gather_object`` over the model-parallel group runs in this call (every rank
+    of dst's replica calls it); the rest of the :func:`iter_hf_weights` contract applies to iterating ``tensors``.
+    """
     tp_group, pp_group, mp_group = _groups(ctx)
-    mp_ranks = list(ctx.mp_ranks)
-    if dst_rank not in mp_ranks:
-        return
-    me = ctx.rank
+    if dst_rank not in ctx.mp_ranks:
+        return [], iter(())
     spec = detect_spec(chunks)
     params = canonical_params(chunks, ctx, arch)
+    tensor_of = tensor_of or _param_data
+    dtypes = _dtype_table(params, tensor_of, mp_group, len(ctx.mp_ranks))
+    metas = []
+    for name in M.megatron_names_in_order(arch, spec):
+        rule, layer = M.find_rule(arch, name, spec)
+        if rule.load_only:
+            continue
+        for hf_name in rule.hf_names(layer):
+            dtype, shape = dtypes[M.split_layer_name(name)[1]], M.expected_hf_shape(arch, hf_name)
+            metas.append((hf_name, dtype, shape))
+            if hf_name == "model.embed_tokens.weight" and arch.tie_word_embeddings and include_tied_lm_head:
+                metas.append(("lm_head.weight", dtype, shape))
+    return metas, _gather(chunks, ctx, arch, dst_rank, include_tied_lm_head, tensor_of, spec, params, dtypes,
+                          tp_group)
+
+
+def _gather(chunks, ctx, arch, dst_rank, include_tied_lm_head, tensor_of, spec, params, dtypes, tp_group):
+    mp_ranks = list(ctx.mp_ranks)
+    me = ctx.rank
     placement = _placement(ctx, arch)
     pp_ranks = list(ctx.pp_ranks)
     # Megatron lays a replica's ranks out TP-fastest, so dst's TP rank is its index in the model-parallel group
@@ -312,9 +347,6 @@ def iter_hf_weights(chunks, ctx, arch, dst_rank: int = 0, *, include_tied_lm_hea
     dst_tp = mp_ranks.index(dst_rank) % ctx.tp
     if me == dst_rank and dst_rank not in pp_ranks:
         raise AssertionError(f"rank {me} is not in its own pipeline group {pp_ranks}")
-
-    tensor_of = tensor_of or _param_data
-    dtypes = _dtype_table(params, tensor_of, mp_group, len(mp_ranks))
 
     for name in M.megatron_names_in_order(arch, spec):
         rule, layer = M.find_rule(arch, name, spec)

@@ -65,7 +65,7 @@ def main() -> None:
     from oapl_megatron.models.builder import build_policy
     from oapl_megatron.models.hf_config import arch_from_hf
     from oapl_megatron.models.convert import write_hf_checkpoint
-    from oapl_megatron.models.hf_io import iter_hf_weights, load_hf_weights
+    from oapl_megatron.models.hf_io import gather_hf_weights, load_hf_weights
     from oapl_megatron.parallel.bootstrap import init_distributed, set_model_parallel, shutdown
 
     out_dir = os.environ["OAPL_TEST_OUT"]
@@ -83,7 +83,8 @@ def main() -> None:
             ref = load_file(os.path.join(hf_dir, "model.safetensors"))
             for dst in dsts:
                 with collective_device_guard(ctx.device):  # every gathered tensor on the group's device
-                    got = {n: t.clone() for n, t in iter_hf_weights(chunks, ctx, arch, dst_rank=dst)}
+                    metas, tensors = gather_hf_weights(chunks, ctx, arch, dst_rank=dst)
+                    got = {n: t.clone() for n, t in tensors}
                 key = f"{layout}/{name}/dst{dst}"
                 if ctx.rank == dst:
                     want = dict(ref)
@@ -93,6 +94,8 @@ def main() -> None:
                         "names_equal": sorted(got) == sorted(want),
                         "bit_equal": [n for n in want if n not in got or not torch.equal(got[n], want[n])] == [],
                         "n": len(got),
+                        # the metadata announced before the gather equals what the gather yielded, in order
+                        "metas_match": metas == [(n, t.dtype, tuple(t.shape)) for n, t in got.items()],
                     }
                 else:
                     result["checks"][key] = {"yielded": len(got)}
