@@ -19,7 +19,8 @@ transformers, both against a float64 reference); oapl_train_step (finite loss, w
 (gloo sender streaming the trainer's gather to a spawned receiver, bounded staging, tensors byte-identical on the
 receiver's device); te_spec_names (Transformer Engine spec parameter names vs the mapping, TE logits vs local);
 fp8_recipes (one train step per FP8 recipe, log-prob drift vs bf16); vllm_engine_sync (one engine on this device
-receives a sync and its log-probs match the trainer's).
+receives a sync and its log-probs match the trainer's); logprobs_memory (peak CUDA memory and time of the chunked
+log-prob/entropy pass vs the full-vocabulary formula at 4K tokens x 152K vocabulary).
 """
 
 from __future__ import annotations
@@ -473,6 +474,56 @@ def check_vllm_engine_sync(env: Env) -> dict:
                 len(a) == len(b) for a, b in zip(engine, old)) else None, "dtype": dtype}
 
 
+def check_logprobs_memory(env: Env) -> dict:
+    """Peak CUDA memory and time of the per-token log-prob + entropy computation (forward and backward) at 4K
+    tokens x 152K vocabulary (Qwen's), bf16 logits: the chunked pass vs the full-vocabulary formula it replaced."""
+    env.need_cuda()
+    from megatron.core import tensor_parallel
+
+    from oapl_megatron.trainer.logprobs import mask_vocab_padding, token_logprobs_and_entropy
+
+    n_tok, vocab = 4096, 151936
+    g = torch.Generator(device=env.device).manual_seed(0)
+    logits = (4 * torch.randn(1, n_tok, vocab, generator=g, device=env.device)).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (1, n_tok), generator=g, device=env.device)
+
+    def full_formula(x):
+        z = mask_vocab_padding(x.float(), vocab, 0)
+        lp = -tensor_parallel.vocab_parallel_cross_entropy(z.clone(), targets)
+        with torch.no_grad():
+            zz = z - z.max(-1, keepdim=True).values
+            ez = zz.exp()
+            ent = ez.sum(-1).log() - (ez * zz).sum(-1) / ez.sum(-1)
+        return lp, ent
+
+    def chunked(x):
+        return token_logprobs_and_entropy(x, targets, vocab, 0, None)
+
+    out, results = {}, {}
+    for name, fn in (("chunked", chunked), ("full_formula", full_formula)):
+        x = logits.clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        lp, ent = fn(x)
+        lp.sum().backward()
+        torch.cuda.synchronize()
+        out[f"{name}_s"] = time.perf_counter() - t0
+        # beyond the logits and their gradient (both unavoidable, bf16)
+        out[f"{name}_peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base - x.grad.numel() * 2) / 2**30
+        results[name] = (lp.detach().double(), ent.detach().double(), x.grad.double())
+        del x, lp, ent
+    a, b = results["chunked"], results["full_formula"]
+    out["max_abs_diff_logp"] = float((a[0] - b[0]).abs().max())
+    out["max_abs_diff_entropy"] = float((a[1] - b[1]).abs().max())
+    out["max_abs_diff_grad"] = float((a[2] - b[2]).abs().max())
+    out["tokens"], out["vocab"] = n_tok, vocab
+    if out["max_abs_diff_logp"] > 1e-3 or out["max_abs_diff_entropy"] > 1e-3:
+        raise AssertionError(f"chunked and full log-probs differ: {out}")
+    return out
+
+
 CHECKS = {
     "versions": check_versions,
     "hf_to_megatron": check_hf_to_megatron,
@@ -483,6 +534,7 @@ CHECKS = {
     "te_spec_names": check_te_spec_names,
     "fp8_recipes": check_fp8_recipes,
     "vllm_engine_sync": check_vllm_engine_sync,
+    "logprobs_memory": check_logprobs_memory,
 }
 
 

@@ -25,7 +25,6 @@ from collective_guard import collective_device_guard  # noqa: E402
 
 def forward_logits(chunks, ctx, ids: torch.Tensor, n_micro: int = 2):
     """Forward-only pipeline schedule; on the last stage returns full-vocabulary logits [B, S, V_pad], else None."""
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     mbs, seq = ids.shape[0] // n_micro, ids.shape[1]
@@ -53,7 +52,7 @@ def forward_logits(chunks, ctx, ids: torch.Tensor, n_micro: int = 2):
     local = torch.cat(outputs, dim=0)
     if ctx.tp > 1:
         parts = [torch.empty_like(local) for _ in range(ctx.tp)]
-        torch.distributed.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+        torch.distributed.all_gather(parts, local.contiguous(), group=ctx.tp_group)
         local = torch.cat(parts, dim=-1)
     return local
 
