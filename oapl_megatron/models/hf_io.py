@@ -7,7 +7,9 @@ Two directions, both driven by the one mapping in :mod:`oapl_megatron.models.map
   ``model.safetensors.index.json``) with ``safetensors.safe_open`` and reads only the tensors of its layers.
 * :func:`iter_hf_weights` — a generator that yields ``(hf_name, full tensor)`` on one destination rank, layer by
   layer, for the weight sync to vLLM and for writing HF checkpoints. Peak extra memory on any rank is one merged
-  parameter (plus its TP shards on the gathering rank); nothing is buffered.
+  parameter (plus its TP shards on the gathering rank); nothing is buffered. :func:`gather_hf_weights` gives the
+  same stream plus every tensor's name, dtype and shape up front (from the architecture), so a weight sync can plan
+  its buckets before the first tensor is gathered.
 
 Use::
 

@@ -6,10 +6,11 @@ model's.
 
 Memory: the logits are the largest activation of the model (16K tokens x 152K vocabulary is 5 GB in bf16, 10 GB in
 fp32). :func:`token_logprobs_and_entropy` never builds a full-vocabulary fp32 copy, a softmax or an ``exp`` for all
-tokens at once: it walks the tokens in chunks of at most ``chunk_bytes`` of fp32 work, keeps only two floats per
-token for the backward pass (max and log-sum-exp), and recomputes the softmax chunk by chunk there. Extra memory
-is O(chunk) instead of ~7 full fp32 copies (cast, padding mask, clone, exp, and the entropy's shifted/exp/product
-tensors). The numbers are those of the full formula (the test checks against it and a float64 reference).
+tokens at once: it walks the tokens in chunks of ``chunk_bytes`` of fp32 (at most two such chunks live at once),
+keeps one float per token for the backward pass (the log-sum-exp), and recomputes the softmax chunk by chunk
+there. Extra memory is O(chunk) beyond the logits' gradient (which autograd needs anyway) instead of ~7 full
+fp32 copies (cast, padding mask, clone, exp, and the entropy's shifted/exp/product tensors); measured with
+tools/bench_logprobs.py (docs/benchmarks.md). The numbers are those of the full formula (the test checks against it and a float64 reference).
 
 Log-probs carry gradients (the gradient of log p(target) w.r.t. this rank's logits is ``onehot - softmax``, local
 to the rank: the output layer's backward all-reduces over TP, as with megatron's vocab-parallel cross entropy).
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20  # fp32 work per chunk: ~440 tokens at a 152K vocabulary, TP=1
+DEFAULT_CHUNK_BYTES = 128 * 2**20  # one fp32 chunk: ~220 tokens at a 152K vocabulary, TP=1 (two are live at once)
 
 
 def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
@@ -46,8 +47,19 @@ def _chunk_rows(v_local: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * max(v_local, 1)))
 
 
+def _fp32_chunk(logits: torch.Tensor, a: int, b: int, vocab_size: int, vocab_start: int) -> torch.Tensor:
+    """Rows ``a:b`` of the logits as a fresh fp32 tensor (ours to modify in place), padding rows masked."""
+    x = logits[a:b].to(torch.float32, copy=True)  # [r, V_local]
+    n_real = vocab_size - vocab_start
+    if n_real < x.size(-1):
+        x[:, max(n_real, 0):] = torch.finfo(torch.float32).min / 4
+    return x
+
+
 class _VocabParallelLogprob(torch.autograd.Function):
-    """log p(target) and entropy per row of [N, V_local] logits, chunked over rows (see the module docstring)."""
+    """log p(target) and entropy per row of [N, V_local] logits, chunked over rows (see the module docstring).
+
+    Per chunk the fp32 work is two [rows, V_local] tensors (the shifted logits and their exp), updated in place."""
 
     @staticmethod
     def forward(ctx, logits, targets, vocab_size: int, vocab_start: int, tp_group, chunk_bytes: int):
@@ -59,18 +71,20 @@ class _VocabParallelLogprob(torch.autograd.Function):
         lse = torch.empty_like(logp)  # log Σ_v exp(x_v) over the full vocabulary, kept for the backward pass
         for a in range(0, n, rows):
             b = min(n, a + rows)
-            x = mask_vocab_padding(logits[a:b].float(), vocab_size, vocab_start)  # [r, V_local] fp32
-            m = x.max(dim=-1).values  # [r]
+            z = _fp32_chunk(logits, a, b, vocab_size, vocab_start)  # [r, V_local]
+            m = z.max(dim=-1).values  # [r]
             if tp > 1:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
-            x = x - m.unsqueeze(-1)  # z = x - max (not in place: for fp32 logits x may be a view of the input)
+            z -= m.unsqueeze(-1)  # z = x - max
             t = targets[a:b] - vocab_start
             local = (t >= 0) & (t < v_local)
-            z_t = torch.where(local, x.gather(-1, t.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1),
-                              torch.zeros((), dtype=x.dtype, device=x.device))  # [r], 0 on other ranks
-            ez = torch.exp(x)
-            sums = torch.stack([ez.sum(dim=-1), (ez * x).sum(dim=-1), z_t])  # [3, r]
-            del ez, x
+            z_t = torch.where(local, z.gather(-1, t.clamp(0, v_local - 1).unsqueeze(-1)).squeeze(-1),
+                              torch.zeros((), dtype=z.dtype, device=z.device))  # [r], 0 on other ranks
+            ez = torch.exp(z)
+            sum_ez = ez.sum(dim=-1)
+            sum_ez_z = z.mul_(ez).sum(dim=-1)  # z is not needed after this
+            del ez, z
+            sums = torch.stack([sum_ez, sum_ez_z, z_t])  # [3, r]
             if tp > 1:
                 dist.all_reduce(sums, group=tp_group)
             sum_ez, sum_ez_z, z_t = sums[0], sums[1], sums[2]
@@ -92,14 +106,15 @@ class _VocabParallelLogprob(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for a in range(0, n, rows):
             b = min(n, a + rows)
-            p = torch.exp(mask_vocab_padding(logits[a:b].float(), vocab_size, vocab_start) - lse[a:b, None])
+            p = _fp32_chunk(logits, a, b, vocab_size, vocab_start)
+            p.sub_(lse[a:b, None]).exp_()  # softmax over the full vocabulary, this rank's slice
             g = grad_logp[a:b].float()
-            p *= -g.unsqueeze(-1)  # d log p(t) / dx_v = 1[v = t] - p_v
+            p.mul_(-g.unsqueeze(-1))  # d log p(t) / dx_v = 1[v = t] - p_v
             t = targets[a:b] - vocab_start
             local = (t >= 0) & (t < v_local)
             idx = t.clamp(0, v_local - 1).unsqueeze(-1)
             p.scatter_add_(-1, idx, torch.where(local, g, torch.zeros_like(g)).unsqueeze(-1))
-            grad[a:b] = p.to(grad.dtype)
+            grad[a:b] = p  # cast to the logits' dtype
         return grad, None, None, None, None, None
 
 

@@ -5,9 +5,10 @@ Two halves that run in different processes:
 * :func:`send_weights` – rank 0 of the weight group (the trainer's sender). Streams ``(hf_name, full tensor)``
   pairs into fixed-size buckets (double-buffered: bucket k+1 is packed while bucket k is on the wire), broadcasts
   them, then broadcasts the per-bucket checksums it computed.
-* :func:`receive_weights` – every engine worker (ranks ≥ 1). Receives the same bucket sequence straight into one
-  flat staging buffer (the full tensors are zero-copy views of it; staged, not yet loaded), receives the sender's
-  checksums and compares them with its own. Loading is a separate step (the engine's ``commit``) so that **no engine loads anything unless
+* :func:`receive_weights` – every engine worker (ranks ≥ 1). Receives the same bucket sequence into one flat
+  staging buffer (the full tensors are zero-copy views of it; staged, not yet loaded) — directly, or through at
+  most K bucket buffers on the GPU when the staging buffer is in host memory (bounded GPU memory) — receives the
+  sender's checksums and compares them with its own. Loading is a separate step (the engine's ``commit``) so that **no engine loads anything unless
   every engine verified every bucket**: a corrupted or failed sync leaves all engines on their previous version.
 
 :func:`run_sync` orchestrates one sync from the trainer over a list of :class:`SyncTarget` (one per engine; the
@@ -22,6 +23,10 @@ load       every engine loads its staged tensors in place, resets its prefix cac
 
 A failure raises :class:`SyncError` naming the engine and the phase. Gather time (Megatron shards → full HF
 tensors) is measured by the caller and passed in; it is reported, not measured here.
+
+Memory: with ``metas`` (from :func:`oapl_megatron.models.hf_io.gather_hf_weights`) the sender streams — it packs
+each tensor as the trainer's gather yields it and holds the tensors of at most a few buckets; receivers hold one
+model copy (host memory by default on a GPU) plus K buckets on the GPU. See :func:`receive_weights`.
 
 Why checksums travel on the data plane after the buckets: the sender streams tensors as the trainer gathers them,
 so it knows a bucket's checksum only after packing it; sending them up front would need a second full packed copy.
