@@ -39,13 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make the package importable here and in spawned children
+if str(REPO) not in sys.path:  # run as a script: make the package importable (spawned children inherit sys.path)
     sys.path.insert(0, str(REPO))
-os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _key, _value in (("TORCHDYNAMO_DISABLE", "1"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
+                     ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_key, _value)  # before torch is imported (dynamo reads its switch at import)
 
 import torch  # noqa: E402
 
@@ -605,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/gpu_smoke.json", help="JSON result file")
     ap.add_argument("--only", nargs="+", choices=list(CHECKS), help="run only these checks")
     args = ap.parse_args(argv)
+    # engine servers are separate programs: they find the package through PYTHONPATH
+    os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     from oapl_megatron import console
 
     console.install()  # known-harmless third-party warnings go to a log file next to the JSON
