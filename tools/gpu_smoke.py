@@ -434,7 +434,9 @@ def check_vllm_engine_sync(env: Env) -> dict:
     rollout = RolloutConfig(engines=1, dtype=dtype, enforce_eager=True, max_model_len=128, seed=0,
                             kv_cache_bytes=None if env.cuda else 64 * 2**20, gpu_memory_utilization=0.3,
                             start_timeout_s=600)
-    engines = EngineGroup(str(model_dir), rollout, WeightSyncConfig(bucket_mb=1, timeout_s=120),
+    # gloo data plane: NCCL refuses two ranks of one communicator on the same GPU (trainer and engine share it
+    # here); the trainer's CUDA tensors are packed into host buckets, the engine loads them onto its GPU
+    engines = EngineGroup(str(model_dir), rollout, WeightSyncConfig(bucket_mb=1, timeout_s=120, backend="gloo"),
                           log_dir=env.tmp / "engines").start()
     try:
         # the trainer's weights differ from the engine's: a sync must carry them
@@ -469,7 +471,8 @@ def check_vllm_engine_sync(env: Env) -> dict:
             "max_abs_logprob_diff_engine_vs_trainer": diff, "mean_abs_logprob_diff_engine_vs_trainer": mean,
             "tokens_changed_by_sync": sum(a.token_ids != b.token_ids for a, b in zip(before, after)),
             "mean_abs_logprob_change_by_sync": _mean_diff(engine, old) if all(
-                len(a) == len(b) for a, b in zip(engine, old)) else None, "dtype": dtype}
+                len(a) == len(b) for a, b in zip(engine, old)) else None, "dtype": dtype,
+            "weight_sync_backend": "gloo"}
 
 
 def check_logprobs_memory(env: Env) -> dict:
