@@ -1,17 +1,13 @@
 """parallel.timeout_s must cover what a weight sync can make the trainer ranks wait (rank 0 drains the engines
-while the others wait in the weight gather): checked when the config is loaded, every shipped config passes."""
+while the others wait in the weight gather): checked when the config is loaded."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from oapl_megatron.config.loader import ConfigError, load_config
 from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig, trainer_wait_bound_s
 from oapl_megatron.config.schema import RunConfig
-
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
 
 
 def test_bound_is_the_longest_engine_wait_plus_two_data_plane_ops():
@@ -20,10 +16,8 @@ def test_bound_is_the_longest_engine_wait_plus_two_data_plane_ops():
                                 WeightSyncConfig(timeout_s=50)) == 900 + 100 + 60
 
 
-def test_defaults_and_shipped_configs_are_consistent():
-    RunConfig()
-    for path in CONFIGS:
-        load_config(RunConfig, path)
+def test_defaults_are_consistent():
+    RunConfig()  # (every file in configs/ is loaded, with this check, by tests/test_config.py)
 
 
 def test_short_trainer_timeout_names_both_fields_and_the_fix():

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from oapl_megatron.config.base import StrictModel
 from oapl_megatron.config.checkpoint import CheckpointConfig
 from oapl_megatron.config.data import MathDatasetTaskConfig
+from oapl_megatron.config.launch import LaunchConfig
 from oapl_megatron.config.loop import ExportConfig, HeldOutEvalConfig, LoggingConfig, LoopConfig
 from oapl_megatron.config.rollout import SYNC_SLACK_S, RolloutConfig, WeightSyncConfig, trainer_wait_bound_s
 from oapl_megatron.config.task import SyntheticTaskConfig
@@ -163,6 +164,7 @@ class RunConfig(StrictModel):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, TensorBoard, progress.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Final Hugging Face export.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Resumable checkpoints.")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Nodes, GPUs, Slurm (oapl-launch).")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":
@@ -191,6 +193,11 @@ class RunConfig(StrictModel):
                 f"others wait in the weight gather); raise parallel.timeout_s to at least {wait:g} or lower "
                 f"rollout.request_timeout_s"
             )
+        if self.launch.gpus_per_node and self.rollout.mode == "local" and self.rollout.devices is not None:
+            from oapl_megatron.launch.placement import place_node, trainer_ranks_per_node
+
+            place_node(self.launch.gpus_per_node, trainer_ranks_per_node(self), self.rollout.engines,
+                       self.rollout.engine_tp, self.rollout.devices)  # overlap → error now, not at the first sync
         if self.optim.scheduler.warmup_steps > self.train.steps:
             raise ValueError(
                 f"optim.scheduler.warmup_steps={self.optim.scheduler.warmup_steps} exceeds "
