@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from oapl_megatron.parallel import torch_compat

@@ -29,12 +29,30 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def full_vocab_formula(logits, targets, vocab: int):
+    """The formula the chunked pass replaced (TP=1): fp32 cast, padding mask, clone, megatron's vocab-parallel
+    cross entropy (differentiable log-probs), entropy from shifted / exp / product tensors. Needs megatron's
+    model-parallel state (a world of one). Also used by tools/gpu_smoke.py's logprobs_memory check."""
+    import torch
+    from megatron.core import tensor_parallel
+
+    from oapl_megatron.trainer.logprobs import mask_vocab_padding
+
+    z = mask_vocab_padding(logits.float(), vocab, 0)
+    lp = -tensor_parallel.vocab_parallel_cross_entropy(z.clone(), targets)
+    with torch.no_grad():
+        zz = z - z.max(-1, keepdim=True).values
+        ez = zz.exp()
+        ent = ez.sum(-1).log() - (ez * zz).sum(-1) / ez.sum(-1)
+    return lp, ent
+
+
 def _child(method: str, tokens: int, vocab: int, dtype: str) -> dict:
     import torch
 
     from oapl_megatron.config.schema import ParallelConfig
     from oapl_megatron.parallel.bootstrap import init_distributed, shutdown
-    from oapl_megatron.trainer.logprobs import mask_vocab_padding, token_logprobs_and_entropy
+    from oapl_megatron.trainer.logprobs import token_logprobs_and_entropy
 
     init_distributed(ParallelConfig(), seed=0)
     g = torch.Generator().manual_seed(0)
@@ -46,14 +64,7 @@ def _child(method: str, tokens: int, vocab: int, dtype: str) -> dict:
     if method == "chunked":
         lp, ent = token_logprobs_and_entropy(logits, targets, vocab, 0, None)
     else:
-        from megatron.core import tensor_parallel
-
-        z = mask_vocab_padding(logits.float(), vocab, 0)
-        lp = -tensor_parallel.vocab_parallel_cross_entropy(z.clone(), targets)
-        with torch.no_grad():
-            zz = z - z.max(-1, keepdim=True).values
-            ez = zz.exp()
-            ent = ez.sum(-1).log() - (ez * zz).sum(-1) / ez.sum(-1)
+        lp, ent = full_vocab_formula(logits, targets, vocab)
     lp.sum().backward()
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -479,9 +479,10 @@ def check_logprobs_memory(env: Env) -> dict:
     """Peak CUDA memory and time of the per-token log-prob + entropy computation (forward and backward) at 4K
     tokens x 152K vocabulary (Qwen's), bf16 logits: the chunked pass vs the full-vocabulary formula it replaced."""
     env.need_cuda()
-    from megatron.core import tensor_parallel
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_logprobs import full_vocab_formula
 
-    from oapl_megatron.trainer.logprobs import mask_vocab_padding, token_logprobs_and_entropy
+    from oapl_megatron.trainer.logprobs import token_logprobs_and_entropy
 
     n_tok, vocab = 4096, 151936
     g = torch.Generator(device=env.device).manual_seed(0)
@@ -489,13 +490,7 @@ def check_logprobs_memory(env: Env) -> dict:
     targets = torch.randint(0, vocab, (1, n_tok), generator=g, device=env.device)
 
     def full_formula(x):
-        z = mask_vocab_padding(x.float(), vocab, 0)
-        lp = -tensor_parallel.vocab_parallel_cross_entropy(z.clone(), targets)
-        with torch.no_grad():
-            zz = z - z.max(-1, keepdim=True).values
-            ez = zz.exp()
-            ent = ez.sum(-1).log() - (ez * zz).sum(-1) / ez.sum(-1)
-        return lp, ent
+        return full_vocab_formula(x, targets, vocab)
 
     def chunked(x):
         return token_logprobs_and_entropy(x, targets, vocab, 0, None)

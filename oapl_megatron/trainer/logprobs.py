@@ -10,7 +10,8 @@ tokens at once: it walks the tokens in chunks of ``chunk_bytes`` of fp32 (at mos
 keeps one float per token for the backward pass (the log-sum-exp), and recomputes the softmax chunk by chunk
 there. Extra memory is O(chunk) beyond the logits' gradient (which autograd needs anyway) instead of ~7 full
 fp32 copies (cast, padding mask, clone, exp, and the entropy's shifted/exp/product tensors); measured with
-tools/bench_logprobs.py (docs/benchmarks.md). The numbers are those of the full formula (the test checks against it and a float64 reference).
+tools/bench_logprobs.py (docs/benchmarks.md). The numbers are those of the full formula (the tests check against
+it and a float64 reference).
 
 Log-probs carry gradients (the gradient of log p(target) w.r.t. this rank's logits is ``onehot - softmax``, local
 to the rank: the output layer's backward all-reduces over TP, as with megatron's vocab-parallel cross entropy).

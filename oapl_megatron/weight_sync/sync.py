@@ -8,8 +8,9 @@ Two halves that run in different processes:
 * :func:`receive_weights` – every engine worker (ranks ≥ 1). Receives the same bucket sequence into one flat
   staging buffer (the full tensors are zero-copy views of it; staged, not yet loaded) — directly, or through at
   most K bucket buffers on the GPU when the staging buffer is in host memory (bounded GPU memory) — receives the
-  sender's checksums and compares them with its own. Loading is a separate step (the engine's ``commit``) so that **no engine loads anything unless
-  every engine verified every bucket**: a corrupted or failed sync leaves all engines on their previous version.
+  sender's checksums and compares them with its own. Loading is a separate step (the engine's ``commit``) so
+  that **no engine loads anything unless every engine verified every bucket**: a corrupted or failed sync leaves
+  all engines on their previous version.
 
 :func:`run_sync` orchestrates one sync from the trainer over a list of :class:`SyncTarget` (one per engine; the
 engine group implements it over its control plane). Phases and what each waits on (every wait is bounded):
