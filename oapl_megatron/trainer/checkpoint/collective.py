@@ -13,8 +13,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
+
+from oapl_megatron.parallel.torch_compat import process_group_timeout
 
 from oapl_megatron.trainer.checkpoint.layout import CheckpointError
 
@@ -28,12 +29,7 @@ def world() -> tuple[int, int]:
 
 def _world_timeout() -> timedelta:
     """The default process group's timeout (the one given to init_process_group)."""
-    for device in ("cpu", "cuda"):
-        try:
-            return dist.group.WORLD._get_backend(torch.device(device)).options._timeout
-        except Exception:  # no backend for this device type, or a torch without these internals
-            continue
-    return dist.default_pg_timeout
+    return process_group_timeout()
 
 
 def barrier(what: str) -> None:
