@@ -89,7 +89,8 @@ class EngineGroup:
             spec = EngineSpec(model=self.model, engine_id=i, tp=self.cfg.engine_tp, dtype=self.cfg.dtype,
                               max_model_len=self.cfg.max_model_len, kv_cache_bytes=self.cfg.kv_cache_bytes,
                               enforce_eager=self.cfg.enforce_eager,
-                              gpu_memory_utilization=self.cfg.gpu_memory_utilization, seed=self.cfg.seed)
+                              gpu_memory_utilization=self.cfg.gpu_memory_utilization, seed=self.cfg.seed,
+                              logprobs=self.cfg.logprobs)
             proc, ready, log = spawn_engine_server(spec, self.log_dir, self.authkey,
                                                    cuda_visible_devices=self.engine_devices[i])
             pending.append((i, proc, ready, log))
