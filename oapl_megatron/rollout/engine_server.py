@@ -58,7 +58,7 @@ class EngineSpec:
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.85
     seed: int = 0
-    logprobs: str = "raw"  # "tempered" | "raw": which log-probs op_generate returns (rollout.logprobs)
+    logprobs: str = "tempered"  # "tempered" | "raw": which log-probs op_generate returns (= rollout.logprobs)
 
     def __post_init__(self):
         if self.logprobs not in VLLM_LOGPROBS_MODE:
