@@ -16,6 +16,7 @@ Run it as ``oapl-train CONFIG [dotted.overrides]`` under torchrun (see README).
 from __future__ import annotations
 
 import datetime
+import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Driver:
     # optimizer steps is then (step − 1) − synced_at[version])
     synced_at: dict = field(default_factory=lambda: {0: 0})
     eval_engines: object = None  # started on first use: evaluates the trainer's weights between sync points
+    eval_devices: str | None = None  # its CUDA_VISIBLE_DEVICES by the placement rule (None: eval.engine_devices)
 
 
 @dataclass
@@ -95,6 +97,8 @@ def run(cfg: RunConfig) -> dict:
             if driver is not None:
                 driver.log.step(step, metrics)
                 last = metrics
+            if schedule.should_sync(step) and not last_step and _preemption_requested(tr):
+                _checkpoint_and_exit(tr, driver, step, saved="checkpoint_s" in metrics)
         if cfg.export.final_hf:
             export_hf(tr, Path(cfg.run_dir) / "final_hf", driver)
     finally:
@@ -106,6 +110,33 @@ def run(cfg: RunConfig) -> dict:
             driver.log.close()
         shutdown()
     return last
+
+
+# Exit code of every trainer rank after a preemption checkpoint (EX_TEMPFAIL: "try again"); torchrun reports it as
+# a failure, so the Slurm batch script looks for run_dir/preempted.json instead.
+PREEMPTED_EXIT_CODE = 75
+PREEMPT_REQUEST = "PREEMPT"       # run_dir/PREEMPT: written by the batch script's SIGTERM trap (launch/templates)
+PREEMPTED_MARKER = "preempted.json"
+
+
+def _preemption_requested(tr: Trainer) -> bool:
+    """Collective at a sync point: rank 0 looks for run_dir/PREEMPT, every rank gets its answer."""
+    asked = (Path(tr.cfg.run_dir) / PREEMPT_REQUEST).exists() if tr.ctx.rank == 0 else None
+    return bool(_broadcast_object(asked, tr))
+
+
+def _checkpoint_and_exit(tr: Trainer, driver: Driver | None, step: int, saved: bool) -> None:
+    """Preemption: a resumable checkpoint at this sync point (unless one was just taken), a marker for the batch
+    script, then exit every rank with PREEMPTED_EXIT_CODE (run()'s finally stops the engines)."""
+    import json
+
+    seconds = 0.0 if saved else save(tr, driver, step)
+    if driver is not None:
+        marker = {"step": step, "policy_version": driver.engines.version, "checkpoint_s": round(seconds, 3)}
+        (Path(tr.cfg.run_dir) / PREEMPTED_MARKER).write_text(json.dumps(marker))
+        driver.log.print(f"[oapl-train] preemption requested: checkpointed step {step}; exiting with code "
+                         f"{PREEMPTED_EXIT_CODE} (resume with --resume)")
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def _final_save(cfg: RunConfig, step: int, driver: Driver | None) -> bool:
@@ -157,7 +188,8 @@ def save(tr: Trainer, driver: Driver | None, step: int) -> float:
                  # every version consumed exactly its L × P groups, so the prompt cursor is step × P
                  "prompts_consumed": step * tr.cfg.train.prompts_per_step}
     save_checkpoint(tr.cfg.checkpoint.resolve_dir(Path(tr.cfg.run_dir)), step, tr.state, tr.ctx, extra or {},
-                    keep_last=tr.cfg.checkpoint.keep_last, config=tr.cfg.model_dump(mode="json"))
+                    keep_last=tr.cfg.checkpoint.keep_last, hf_dir=tr.cfg.model.hf_path,
+                    config=tr.cfg.model_dump(mode="json"))
     return time.perf_counter() - t0
 
 
@@ -198,7 +230,9 @@ def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
     run_dir = Path(cfg.run_dir)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     task = make_task(cfg.task, tokenizer)
-    engines = EngineGroup(cfg.model.hf_path, cfg.rollout, cfg.weight_sync, log_dir=run_dir / "engines").start()
+    devices = _engine_devices(cfg)
+    engines = EngineGroup(cfg.model.hf_path, cfg.rollout, cfg.weight_sync, log_dir=run_dir / "engines",
+                          engine_devices=devices[:cfg.rollout.engines] if devices else None).start()
     try:
         buffer = RolloutBuffer(cfg.loop.buffer_groups, cfg.loop.buffer, cfg.loop.max_staleness)
         budget = cfg.loop.lag * cfg.train.prompts_per_step if cfg.loop.buffer == "clear" else None
@@ -209,7 +243,33 @@ def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
     except BaseException:
         engines.shutdown()
         raise
-    return Driver(engines, producer, buffer, task, tokenizer, log, synced_at={engines.version: start_step})
+    driver = Driver(engines, producer, buffer, task, tokenizer, log, synced_at={engines.version: start_step})
+    if devices and len(devices) > cfg.rollout.engines:
+        driver.eval_devices = devices[-1]
+    return driver
+
+
+def _needs_eval_engine(cfg: RunConfig) -> bool:
+    """eval.policy=current evaluates between sync points on an evaluation engine of its own (see evaluate_policy)."""
+    return bool(cfg.eval.every) and cfg.eval.policy == "current" and cfg.eval.every % cfg.loop.lag != 0
+
+
+def _engine_devices(cfg: RunConfig) -> list[str | None] | None:
+    """Local mode: CUDA_VISIBLE_DEVICES of each generation engine by the placement rule (trainer local ranks on GPUs
+    0..T−1, engines on the next engine_tp GPUs each, or rollout.devices), then of the evaluation engine when one is
+    needed and eval.engine_devices is unset; None everywhere on a CPU node."""
+    if cfg.rollout.mode != "local":
+        return None
+    from oapl_megatron.launch.placement import parse_visible, place_node
+
+    extra = _needs_eval_engine(cfg) and cfg.eval.engine_devices is None and cfg.rollout.devices is None
+    engines = cfg.rollout.engines + int(extra)
+    place = place_node(torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), engines,
+                       cfg.rollout.engine_tp, cfg.rollout.devices,
+                       visible=parse_visible(os.environ.get("CUDA_VISIBLE_DEVICES")),
+                       ranks_field="torchrun --nproc-per-node")
+    print(f"[oapl-train] {place.describe()}" + (f" (engine {engines - 1}: evaluation)" if extra else ""), flush=True)
+    return [place.engine_env(i).get("CUDA_VISIBLE_DEVICES") for i in range(engines)]
 
 
 def _broadcast_object(obj, tr: Trainer):
@@ -358,7 +418,7 @@ def _eval_engines(driver: Driver, cfg: RunConfig):
         rollout = cfg.rollout.model_copy(update={"engines": 1, "mode": "local", "addresses": []})
         driver.eval_engines = EngineGroup(cfg.model.hf_path, rollout, cfg.weight_sync,
                                           log_dir=Path(cfg.run_dir) / "eval_engine",
-                                          engine_devices=[cfg.eval.engine_devices]).start()
+                                          engine_devices=[cfg.eval.engine_devices or driver.eval_devices]).start()
     return driver.eval_engines
 
 
