@@ -4,6 +4,7 @@ launcher's teardown is in test_launch_local.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -275,3 +276,68 @@ def test_local_launcher_leaves_the_engines_their_gpus():
     assert _default_ranks(cfg(), 0) == 2                                   # CPU: tp × pp
     assert _default_ranks(cfg("rollout.engines=2", "rollout.engine_tp=2"), 8) == 4
     assert _default_ranks(cfg("rollout.engines=2", "rollout.devices=[6,7]"), 8) == 6
+
+
+# ---- engine registration (what the Slurm job's engine step does, without Slurm)
+
+def _cluster_cfg(tmp_path, engines=1, timeout=300):
+    return load_config(RunConfig, None, [
+        f"run_dir={tmp_path / 'run'}", f"model.hf_path={tmp_path / 'model'}", "rollout.mode=cluster",
+        f"rollout.engines={engines}", "rollout.dtype=float32", "rollout.enforce_eager=true",
+        "rollout.max_model_len=128", f"rollout.kv_cache_bytes={32 * 2**20}", f"rollout.start_timeout_s={timeout}"])
+
+
+def test_trainer_names_the_engines_that_never_register(tmp_path, monkeypatch):
+    from oapl_megatron.rollout.engine_client import EngineError
+    from oapl_megatron.rollout.engine_group import EngineGroup
+    from oapl_megatron.rollout.engine_server import AUTHKEY_ENV
+
+    monkeypatch.setenv(AUTHKEY_ENV, "ab" * 16)
+    cfg = _cluster_cfg(tmp_path, engines=2, timeout=1)
+    with pytest.raises(EngineError, match=r"engines \[0, 1\] did not register in .*registry within 1s"):
+        EngineGroup(str(tmp_path / "model"), cfg.rollout, log_dir=tmp_path / "run" / "engines").start()
+
+
+@pytest.mark.slow
+def test_engine_server_registers_and_the_trainer_attaches_without_addresses(tmp_path, monkeypatch):
+    """``engine_server --config --register-dir`` as a Slurm task (SLURM_* set by hand): it registers host:port in the
+    run directory; an EngineGroup in cluster mode without addresses finds it, generates, and its shutdown ends it."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from oapl_megatron.config.loader import write_resolved
+    from oapl_megatron.rollout.engine_group import EngineGroup
+    from oapl_megatron.rollout.engine_server import AUTHKEY_ENV
+    from oapl_megatron.rollout.types import GenerationRequest, SamplingSpec
+
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                 max_position_embeddings=256)).save_pretrained(tmp_path / "model")
+    cfg = _cluster_cfg(tmp_path)
+    write_resolved(cfg, tmp_path / "config.yaml")
+    key = os.urandom(16).hex()
+    monkeypatch.setenv(AUTHKEY_ENV, key)
+    env = dict(os.environ, PYTHONPATH=str(REPO), SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+               OAPL_ENGINE_HOST="127.0.0.1", OMP_NUM_THREADS="1")
+    with open(tmp_path / "engine.log", "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "oapl_megatron.entrypoints.engine_server", "--config",
+                                   str(tmp_path / "config.yaml"), "--register-dir",
+                                   str(tmp_path / "run" / "engines" / "registry")],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        group = EngineGroup(str(tmp_path / "model"), cfg.rollout, log_dir=tmp_path / "run" / "engines").start()
+        try:
+            samples = group.generate([GenerationRequest("p0", (5, 6, 7)), GenerationRequest("p1", (8, 9))],
+                                     SamplingSpec(n=1, temperature=0.0, max_tokens=4))
+            assert [s.engine_id for s in samples] == [0, 0] and all(len(s.token_ids) == 4 for s in samples)
+            reg = json.loads((tmp_path / "run" / "engines" / "registry" / "engine0.json").read_text())
+            assert reg["host"] == "127.0.0.1" and reg["pid"] == server.pid
+        finally:
+            group.shutdown()
+        assert server.wait(timeout=60) == 0  # the trainer finishing stops the engine
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert "CPU node, no GPU assignment" in (tmp_path / "engine.log").read_text()

@@ -71,3 +71,32 @@ def test_incompatible_settings_fail_naming_the_fields(overrides, must_name):
 def test_top_p_is_allowed_with_trainer_reference_or_raw_logprobs():
     load_config(RunConfig, REPO / "configs" / "demo.yaml", ["rollout.top_p=0.95", "loop.ref_logp_source=trainer"])
     load_config(RunConfig, REPO / "configs" / "demo.yaml", ["rollout.top_p=0.95", "rollout.logprobs=raw"])
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
+def test_chunked_logprobs_at_a_temperature_match_float64(temperature):
+    """The trainer's chunked log-prob function at ``temperature``: values, entropy and gradient equal a float64
+    log_softmax(logits / T) on the real vocabulary (two padded rows masked, chunks of 3 tokens)."""
+    from oapl_megatron.trainer.logprobs import token_logprobs_and_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(2, 5, 11, generator=gen, dtype=torch.float64)).float().requires_grad_()
+    t = torch.randint(0, 9, (2, 5), generator=gen)
+    logp, ent = token_logprobs_and_entropy(x, t, vocab_size=9, vocab_start=0, chunk_bytes=4 * 11 * 3,
+                                           temperature=temperature)
+    x64 = x.detach().double().requires_grad_()
+    lsm = torch.log_softmax(x64[..., :9] / temperature, dim=-1)
+    ref = lsm.gather(-1, t[..., None])[..., 0]
+    w = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    (logp.double() * w).sum().backward()
+    (ref * w).sum().backward()
+    assert (logp.double() - ref).abs().max() <= 1e-5
+    assert (ent.double() + (lsm.exp() * lsm).sum(-1)).abs().max() <= 1e-5
+    assert (x.grad.double() - x64.grad).abs().max() <= 1e-5
+
+
+def test_chunked_logprobs_refuse_a_non_positive_temperature():
+    from oapl_megatron.trainer.logprobs import token_logprobs_and_entropy
+
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        token_logprobs_and_entropy(torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long), 4, 0, temperature=0.0)

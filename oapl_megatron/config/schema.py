@@ -17,7 +17,7 @@ from oapl_megatron.config.checkpoint import CheckpointConfig
 from oapl_megatron.config.data import MathDatasetTaskConfig
 from oapl_megatron.config.launch import LaunchConfig
 from oapl_megatron.config.loop import ExportConfig, HeldOutEvalConfig, LoggingConfig, LoopConfig
-from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig
+from oapl_megatron.config.rollout import SYNC_SLACK_S, RolloutConfig, WeightSyncConfig, trainer_wait_bound_s
 from oapl_megatron.config.task import SyntheticTaskConfig
 
 
@@ -79,7 +79,11 @@ class ParallelConfig(StrictModel):
     pp: int = Field(1, ge=1, le=64, description="Pipeline-parallel size.")
     vpp: int | None = Field(None, ge=2, description="Virtual pipeline chunks per stage (interleaved); None = off.")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl with CUDA, gloo otherwise.")
-    timeout_s: float = Field(600.0, gt=0, description="Timeout of every trainer collective, seconds.")
+    # The default covers a weight sync with the default rollout/weight_sync timeouts (3600 + 2 * 300 + 60 s): the
+    # other ranks wait in a collective while rank 0 drains the engines (see config.rollout.trainer_wait_bound_s).
+    timeout_s: float = Field(4500.0, gt=0, description="Timeout of every trainer collective, seconds; at least "
+                                                      "rollout.request_timeout_s + 2 * weight_sync.timeout_s + 60 "
+                                                      "in a run (checked).")
 
     @model_validator(mode="after")
     def _vpp_needs_pp(self) -> "ParallelConfig":
@@ -185,6 +189,16 @@ class RunConfig(StrictModel):
                 "the engine's tempered log-probs are renormalised over the top-p nucleus, the trainer's are not, so "
                 "log π − log π_vllm would not be 0 at a sync; set loop.ref_logp_source=trainer (π_vllm recomputed "
                 "from tempered logits, the OAPL authors' convention), rollout.top_p=1, or rollout.logprobs=raw"
+            )
+        wait = trainer_wait_bound_s(self.rollout, self.weight_sync)
+        if self.parallel.timeout_s < wait:
+            raise ValueError(
+                f"parallel.timeout_s={self.parallel.timeout_s:g} is shorter than a weight sync may keep the trainer "
+                f"ranks waiting: max(rollout.request_timeout_s={self.rollout.request_timeout_s:g}, "
+                f"rollout.start_timeout_s={self.rollout.start_timeout_s:g}) + 2 * weight_sync.timeout_s="
+                f"{self.weight_sync.timeout_s:g} + {SYNC_SLACK_S:g} = {wait:g} s (rank 0 drains the engines while the "
+                f"others wait in the weight gather); raise parallel.timeout_s to at least {wait:g} or lower "
+                f"rollout.request_timeout_s"
             )
         if self.launch.gpus_per_node and self.rollout.mode == "local" and self.rollout.devices is not None:
             from oapl_megatron.launch.placement import place_node, trainer_ranks_per_node

@@ -7,7 +7,7 @@ producer thread, the run directory and the logs. Per step:
 
     rank 0: groups ← buffer (wait ≤ loop.wait_timeout_s) → advantages → records ─broadcast (gloo)─▶ all ranks
     all:    [ref log-probs from the frozen copy, if loop.ref_logp_source=trainer] → train_step
-    every L steps, all: gather HF tensors (iter_hf_weights) ──▶ rank 0 bucketed broadcast ──▶ engines
+    every L steps, all: gather HF tensors (gather_hf_weights) ──▶ rank 0 bucketed broadcast ──▶ engines
     rank 0: clear/trim the buffer, evaluate on schedule, log a metrics line
 
 Run it as ``oapl-train CONFIG [dotted.overrides]`` under torchrun (see README).
@@ -19,6 +19,7 @@ import datetime
 import os
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,11 +31,12 @@ from oapl_megatron.config.loader import write_resolved
 from oapl_megatron.config.schema import RunConfig
 from oapl_megatron.models.builder import build_policy
 from oapl_megatron.models.hf_config import arch_from_hf, make_vocab_padding
-from oapl_megatron.models.hf_io import iter_hf_weights, load_hf_weights, unwrap
+from oapl_megatron.models.hf_io import gather_hf_weights, load_hf_weights, unwrap
 from oapl_megatron.parallel.bootstrap import ParallelContext, init_distributed, shutdown
 from oapl_megatron.trainer.batch import build_step_batch
 from oapl_megatron.trainer.optimizer import TrainState, wrap_and_build_optimizer
 from oapl_megatron.trainer.step import forward_logprobs, train_step
+from oapl_megatron.weight_sync.bucket import TensorMeta, dtype_name
 
 
 @dataclass
@@ -355,10 +357,10 @@ def sync_weights(tr: Trainer, driver: Driver | None, step: int, version: int | N
     The engines then serve the next version, or ``version`` (resume: the restored run's version), from optimizer
     step ``step`` on."""
     t0 = time.perf_counter()
-    named = iter_hf_weights(tr.state.chunks, tr.ctx, tr.arch, dst_rank=0, include_tied_lm_head=True)
+    metas, named = _gather_for_sync(tr)
     out: dict = {}
     if driver is not None:
-        report = driver.engines.sync_weights(named, version=version)
+        report = driver.engines.sync_weights(named, metas=metas, version=version)
         dropped = driver.buffer.on_sync(report.version)
         driver.producer.on_sync()
         driver.sync_reports.append(report)
@@ -374,6 +376,14 @@ def sync_weights(tr: Trainer, driver: Driver | None, step: int, version: int | N
     if tr.frozen is not None:
         _copy_into_frozen(tr)
     return out
+
+
+def _gather_for_sync(tr: Trainer) -> tuple[list[TensorMeta], Iterator]:
+    """The sync's tensor metadata (from the architecture, no tensor materialised) and the lazy gather: rank 0
+    plans the buckets up front and packs each tensor as the gather yields it, holding a few buckets, not the
+    model. Collective over the trainer ranks (the dtype table now; the gather while iterating)."""
+    metas, named = gather_hf_weights(tr.state.chunks, tr.ctx, tr.arch, dst_rank=0, include_tied_lm_head=True)
+    return [TensorMeta(n, dtype_name(d), tuple(s)) for n, d, s in metas], named
 
 
 @torch.no_grad()
@@ -398,13 +408,13 @@ def evaluate_policy(tr: Trainer, driver: Driver | None, step: int, synced: bool)
         out = evaluate(driver.engines, driver.task, driver.tokenizer, cfg.eval, cfg.rollout)
         out.update(eval_policy="current" if served_step == step else "served", eval_weights_step=served_step)
         return out
-    named = iter_hf_weights(tr.state.chunks, tr.ctx, tr.arch, dst_rank=0, include_tied_lm_head=True)
+    metas, named = _gather_for_sync(tr)
     if driver is None:
         for _ in named:  # ranks other than 0 take part in the gather
             pass
         return {}
     engines = _eval_engines(driver, cfg)
-    engines.sync_weights(named)
+    engines.sync_weights(named, metas=metas)
     out = evaluate(engines, driver.task, driver.tokenizer, cfg.eval, cfg.rollout)
     out.update(eval_policy="current", eval_weights_step=step)
     return out
