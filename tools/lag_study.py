@@ -149,7 +149,7 @@ def warm_dir(out: Path, scale: Scale) -> Path:
     return out / f"warmstart_{scale.model}"
 
 
-def cell_config(cell: Cell, scale: Scale, out: Path, overrides: list[str]) -> dict:
+def cell_config(cell: Cell, scale: Scale, out: Path) -> dict:
     """The full run config of one cell (written to cells/<name>/cell.yaml; dotted ``overrides`` go on the command
     line, so config.yaml in the cell's run directory is the resolved truth)."""
     objective = dict(OBJECTIVES[cell.objective])
@@ -289,7 +289,7 @@ def run_cell(cell: Cell, scale: Scale, out: Path, overrides: list[str], timeout_
     metrics = cell_dir / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()  # a previous attempt of this cell did not finish: start it over
-    cfg = cell_config(cell, scale, out, overrides)
+    cfg = cell_config(cell, scale, out)
     cfg_path = cell_dir / "cell.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = cell_command(cfg_path, overrides)
@@ -335,7 +335,7 @@ def run_grid(cells: list[Cell], scale: Scale, out: Path, overrides: list[str], t
         path = out / "cells" / f"{cell.name}.json"
         if path.exists():
             prev = json.loads(path.read_text())
-            want = cell_config(cell, scale, out, overrides)
+            want = cell_config(cell, scale, out)
             if prev["config"] != want or prev["overrides"] != overrides:
                 raise SystemExit(f"[lag-study] {path} was run with another config (steps, batch, overrides…); "
                                  "use another --out or delete that JSON to rerun it")
@@ -604,8 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--parallel must be >= 1")
     done = run_grid(cells, scale, args.out, args.overrides, args.cell_timeout, dry_run=args.dry_run,
                     parallel=args.parallel)
-    (args.out / "last_run.json").write_text(json.dumps(done, indent=1)) if not args.dry_run else None
     if not args.dry_run:
+        (args.out / "last_run.json").write_text(json.dumps(done, indent=1))  # which cells ran, which were kept
         report(args.out)
     return 0
 
