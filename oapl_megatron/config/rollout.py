@@ -29,6 +29,12 @@ class RolloutConfig(StrictModel):
                                           "empty = engines register themselves (oapl-launch slurm)")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="sampling temperature (0 = greedy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    logprobs: Literal["tempered", "raw"] = Field(
+        "tempered", description="which distribution log π and log π_vllm are taken from, on both the trainer and the "
+                                "engine side: tempered = log_softmax(logits / temperature), the distribution the "
+                                "engines sample from (the OAPL authors' convention; vLLM logprobs_mode="
+                                "processed_logprobs); raw = the untempered model (log_softmax(logits)). Identical at "
+                                "temperature 1")
     max_tokens: int = Field(1024, ge=1, le=1 << 20, description="maximum generated tokens per completion")
     max_model_len: int = Field(4096, ge=16, le=1 << 22, description="vLLM max_model_len (prompt + completion)")
     kv_cache_bytes: int | None = Field(
@@ -42,8 +48,16 @@ class RolloutConfig(StrictModel):
     request_timeout_s: float = Field(3600.0, gt=0, description="bound on one generate request to one engine")
     control_timeout_s: float = Field(120.0, gt=0, description="bound on a non-generate control request")
 
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature the trainer divides its logits by before the log-softmax (1 for ``logprobs=raw``)."""
+        return self.temperature if self.logprobs == "tempered" else 1.0
+
     @model_validator(mode="after")
     def _check(self):
+        if self.logprobs == "tempered" and self.temperature == 0:
+            raise ValueError("rollout.logprobs=tempered needs rollout.temperature > 0 (greedy sampling has no "
+                             "tempered distribution); set rollout.logprobs=raw or a positive temperature")
         if self.mode == "cluster" and self.addresses and len(self.addresses) != self.engines:
             raise ValueError(f"rollout.addresses: cluster mode needs one host:port per engine "
                              f"(rollout.engines={self.engines}, got {len(self.addresses)} addresses), or none: the "

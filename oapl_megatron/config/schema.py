@@ -183,6 +183,13 @@ class RunConfig(StrictModel):
                 "checkpoint.every_steps / checkpoint.resume need loop.buffer=clear: exact resume relies on every "
                 "policy version consuming exactly the groups it generated (loop.buffer=keep is not resumable yet)"
             )
+        if self.rollout.logprobs == "tempered" and self.rollout.top_p < 1 and self.loop.ref_logp_source == "engine":
+            raise ValueError(
+                f"rollout.logprobs=tempered with rollout.top_p={self.rollout.top_p} and loop.ref_logp_source=engine: "
+                "the engine's tempered log-probs are renormalised over the top-p nucleus, the trainer's are not, so "
+                "log π − log π_vllm would not be 0 at a sync; set loop.ref_logp_source=trainer (π_vllm recomputed "
+                "from tempered logits, the OAPL authors' convention), rollout.top_p=1, or rollout.logprobs=raw"
+            )
         wait = trainer_wait_bound_s(self.rollout, self.weight_sync)
         if self.parallel.timeout_s < wait:
             raise ValueError(

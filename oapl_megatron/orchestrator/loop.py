@@ -322,7 +322,8 @@ def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
     if tr.frozen is not None:
         info["ref_logp_engine_vs_trainer"] = _use_trainer_reference(tr, batch)
     t0 = time.perf_counter()
-    metrics = train_step(tr.state, batch, cfg.objective, ctx, tr.arch.vocab_size, tr.padded_vocab)
+    metrics = train_step(tr.state, batch, cfg.objective, ctx, tr.arch.vocab_size, tr.padded_vocab,
+                         cfg.rollout.logprob_temperature)
     dt = time.perf_counter() - t0
     metrics.update(info)
     metrics["train_step_s"] = dt
@@ -338,7 +339,8 @@ def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
 def _use_trainer_reference(tr: Trainer, batch) -> float:
     """Replace the engine's reference log-probs by the frozen trainer copy's; return their mean |difference| per
     sequence (engine vs trainer numerics of the same weights, a health metric)."""
-    lps = forward_logprobs(tr.frozen, batch, tr.ctx, tr.arch.vocab_size, tr.padded_vocab)
+    lps = forward_logprobs(tr.frozen, batch, tr.ctx, tr.arch.vocab_size, tr.padded_vocab,
+                           tr.cfg.rollout.logprob_temperature)
     diffs, n = 0.0, 0.0
     for mb, (lp, _) in zip(batch.micro_batches, lps):
         tok = lp * mb.mask

@@ -31,7 +31,7 @@ def engine_spec(model: str, rollout, engine_id: int) -> EngineSpec:
     return EngineSpec(model=model, engine_id=engine_id, tp=rollout.engine_tp, dtype=rollout.dtype,
                       max_model_len=rollout.max_model_len, kv_cache_bytes=rollout.kv_cache_bytes,
                       enforce_eager=rollout.enforce_eager, gpu_memory_utilization=rollout.gpu_memory_utilization,
-                      seed=rollout.seed)
+                      seed=rollout.seed, logprobs=rollout.logprobs)
 
 
 def spawn_engine_server(spec: EngineSpec, log_dir: Path, authkey: bytes, *,

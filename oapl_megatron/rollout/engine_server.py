@@ -39,6 +39,10 @@ from oapl_megatron.rollout.types import (PROTOCOL_VERSION, GenerationRequest, Re
 
 AUTHKEY_ENV = "OAPL_ENGINE_AUTHKEY"
 WORKER_EXTENSION = "oapl_megatron.rollout.worker_ext.WeightSyncWorkerExtension"
+# Our log-prob conventions → vLLM's ``logprobs_mode`` (an engine argument). processed_logprobs is the log-softmax
+# of the logits after temperature scaling (and top-k/top-p masking, none at top_p=1): exactly the tempered
+# convention the trainer computes. raw_logprobs is the log-softmax of the model's logits.
+VLLM_LOGPROBS_MODE = {"tempered": "processed_logprobs", "raw": "raw_logprobs"}
 
 
 @dataclass
@@ -54,6 +58,11 @@ class EngineSpec:
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.85
     seed: int = 0
+    logprobs: str = "tempered"  # "tempered" | "raw": which log-probs op_generate returns (= rollout.logprobs)
+
+    def __post_init__(self):
+        if self.logprobs not in VLLM_LOGPROBS_MODE:
+            raise ValueError(f"engine spec: logprobs={self.logprobs!r}; allowed: {sorted(VLLM_LOGPROBS_MODE)}")
 
     @staticmethod
     def load(path: str | Path) -> "EngineSpec":
@@ -78,7 +87,9 @@ class EngineServer:
                                          max_model_len=spec.max_model_len, kv_cache_bytes=spec.kv_cache_bytes,
                                          enforce_eager=spec.enforce_eager, seed=spec.seed,
                                          gpu_memory_utilization=spec.gpu_memory_utilization,
-                                         worker_extension_cls=WORKER_EXTENSION), label=f"engine {spec.engine_id}")
+                                         worker_extension_cls=WORKER_EXTENSION,
+                                         logprobs_mode=VLLM_LOGPROBS_MODE[spec.logprobs]),
+                             label=f"engine {spec.engine_id}")
 
     # ---- handlers: keyword arguments of the Request; return value goes into Reply.value
 
@@ -92,12 +103,16 @@ class EngineServer:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if sampling.logprobs is not None and sampling.logprobs != self.spec.logprobs:
+            raise ValueError(f"engine {self.spec.engine_id} returns {self.spec.logprobs} log-probs (its spec's "
+                             f"logprobs), the request needs {sampling.logprobs}: start the engine with "
+                             f"\"logprobs\": \"{sampling.logprobs}\" in its spec, or match rollout.logprobs")
         t0 = time.perf_counter()
         params = []
         for r in requests:
             seed = None if sampling.seed is None else (sampling.seed + prompt_seed_offset(r.prompt_id)) % (1 << 63)
-            # logprobs=0: vLLM returns the log-prob of the sampled token only (raw model log-probs, i.e. before
-            # temperature / top-p processing).
+            # logprobs=0: vLLM returns the log-prob of the sampled token only, in the engine's logprobs_mode
+            # (spec.logprobs: tempered = after temperature/top-p, raw = before).
             params.append(SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                          max_tokens=sampling.max_tokens, seed=seed, logprobs=0, detokenize=False,
                                          stop_token_ids=list(sampling.stop_token_ids)))

@@ -29,6 +29,7 @@ class LLMSettings:
     seed: int = 0
     worker_extension_cls: str | None = None
     device: str = "auto"  # auto | cpu | cuda
+    logprobs_mode: str = "raw_logprobs"  # vLLM: raw_logprobs | processed_logprobs (after temperature / top-p)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -62,7 +63,8 @@ def build_llm(s: LLMSettings, label: str = "engine"):
     kwargs: dict[str, Any] = dict(model=s.model, tokenizer=tokenizer, tensor_parallel_size=s.tp, dtype=s.dtype,
                                   max_model_len=s.max_model_len, enforce_eager=s.enforce_eager, seed=s.seed,
                                   skip_tokenizer_init=not _has_tokenizer(tokenizer),
-                                  gpu_memory_utilization=s.gpu_memory_utilization, trust_remote_code=False)
+                                  gpu_memory_utilization=s.gpu_memory_utilization, trust_remote_code=False,
+                                  logprobs_mode=s.logprobs_mode)
     if s.worker_extension_cls is not None:
         kwargs["worker_extension_cls"] = s.worker_extension_cls
     if s.kv_cache_bytes is not None:

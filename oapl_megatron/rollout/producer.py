@@ -41,7 +41,7 @@ class RolloutProducer:
         self.loop = loop
         self.sampling = SamplingSpec(n=group_size, temperature=rollout.temperature, top_p=rollout.top_p,
                                      max_tokens=rollout.max_tokens, seed=seed,
-                                     stop_token_ids=(tokenizer.eos_token_id,))
+                                     stop_token_ids=(tokenizer.eos_token_id,), logprobs=rollout.logprobs)
         self.prompts: Iterator[Prompt] = task.train_prompts(seed)
         for _ in range(start_index):  # resume: these prompts were consumed before the checkpoint
             next(self.prompts)

@@ -31,8 +31,13 @@ class SamplingSpec:
     # which engine served it or what else was in the batch. None: nondeterministic.
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    # The log-prob convention the caller relies on ("tempered" | "raw", see ``rollout.logprobs``); the engine refuses
+    # the request if it serves the other one. None: the caller does not use the log-probs (evaluation).
+    logprobs: str | None = None
 
     def __post_init__(self):
+        if self.logprobs not in (None, "tempered", "raw"):
+            raise ValueError(f"SamplingSpec.logprobs must be None, 'tempered' or 'raw', got {self.logprobs!r}")
         if self.n < 1:
             raise ValueError(f"SamplingSpec.n must be ≥ 1, got {self.n}")
         if self.temperature < 0:
@@ -64,9 +69,9 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Sample:
-    """One completion. ``token_logprobs[i]`` is log π_old(token_ids[i] | prompt, token_ids[:i]) under the
-    engine's sampling distribution at temperature 1 over the full vocabulary (vLLM's raw log-probs of the
-    *sampled* token; see engine docs for how temperature/top_p interact)."""
+    """One completion. ``token_logprobs[i]`` is log π_old(token_ids[i] | prompt, token_ids[:i]) of the *sampled*
+    token under the engine's log-prob convention (``EngineSpec.logprobs``): tempered = log_softmax(logits / T)
+    (after top-p, if any), raw = log_softmax(logits)."""
 
     prompt_id: Hashable
     prompt_token_ids: tuple[int, ...]

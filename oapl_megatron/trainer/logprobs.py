@@ -48,9 +48,13 @@ def _chunk_rows(v_local: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * max(v_local, 1)))
 
 
-def _fp32_chunk(logits: torch.Tensor, a: int, b: int, vocab_size: int, vocab_start: int) -> torch.Tensor:
-    """Rows ``a:b`` of the logits as a fresh fp32 tensor (ours to modify in place), padding rows masked."""
+def _fp32_chunk(logits: torch.Tensor, a: int, b: int, vocab_size: int, vocab_start: int,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Rows ``a:b`` of the logits / ``temperature`` as a fresh fp32 tensor (ours to modify in place), padding rows
+    masked (after the scaling, so the mask value stays finite)."""
     x = logits[a:b].to(torch.float32, copy=True)  # [r, V_local]
+    if temperature != 1.0:
+        x.div_(temperature)  # in fp32: scaling bf16 logits would round them before the softmax
     n_real = vocab_size - vocab_start
     if n_real < x.size(-1):
         x[:, max(n_real, 0):] = torch.finfo(torch.float32).min / 4
@@ -63,7 +67,8 @@ class _VocabParallelLogprob(torch.autograd.Function):
     Per chunk the fp32 work is two [rows, V_local] tensors (the shifted logits and their exp), updated in place."""
 
     @staticmethod
-    def forward(ctx, logits, targets, vocab_size: int, vocab_start: int, tp_group, chunk_bytes: int):
+    def forward(ctx, logits, targets, vocab_size: int, vocab_start: int, tp_group, chunk_bytes: int,
+                temperature: float):
         n, v_local = logits.shape
         rows = _chunk_rows(v_local, chunk_bytes)
         tp = _tp_size(tp_group)
@@ -72,7 +77,7 @@ class _VocabParallelLogprob(torch.autograd.Function):
         lse = torch.empty_like(logp)  # log Σ_v exp(x_v) over the full vocabulary, kept for the backward pass
         for a in range(0, n, rows):
             b = min(n, a + rows)
-            z = _fp32_chunk(logits, a, b, vocab_size, vocab_start)  # [r, V_local]
+            z = _fp32_chunk(logits, a, b, vocab_size, vocab_start, temperature)  # [r, V_local]
             m = z.max(dim=-1).values  # [r]
             if tp > 1:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
@@ -95,40 +100,43 @@ class _VocabParallelLogprob(torch.autograd.Function):
             entropy[a:b] = log_z - sum_ez_z / sum_ez
             lse[a:b] = m + log_z
         ctx.save_for_backward(logits, targets, lse)
-        ctx.meta = (vocab_size, vocab_start, rows)
+        ctx.meta = (vocab_size, vocab_start, rows, temperature)
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
         logits, targets, lse = ctx.saved_tensors
-        vocab_size, vocab_start, rows = ctx.meta
+        vocab_size, vocab_start, rows, temperature = ctx.meta
         n, v_local = logits.shape
         grad = torch.empty_like(logits)
         for a in range(0, n, rows):
             b = min(n, a + rows)
-            p = _fp32_chunk(logits, a, b, vocab_size, vocab_start)
+            p = _fp32_chunk(logits, a, b, vocab_size, vocab_start, temperature)
             p.sub_(lse[a:b, None]).exp_()  # softmax over the full vocabulary, this rank's slice
-            g = grad_logp[a:b].float()
+            g = grad_logp[a:b].float() / temperature  # chain rule through x / T
             p.mul_(-g.unsqueeze(-1))  # d log p(t) / dx_v = 1[v = t] - p_v
             t = targets[a:b] - vocab_start
             local = (t >= 0) & (t < v_local)
             idx = t.clamp(0, v_local - 1).unsqueeze(-1)
             p.scatter_add_(-1, idx, torch.where(local, g, torch.zeros_like(g)).unsqueeze(-1))
             grad[a:b] = p  # cast to the logits' dtype
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, vocab_start: int,
-                               tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+                               tp_group=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, temperature: float = 1.0
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p(target), entropy)`` per position of vocab-parallel logits, chunked over tokens.
 
     logits: [B, S, V_local] (any float dtype; computed in fp32); targets: [B, S] global token ids → two [B, S]
     fp32 tensors. The log-probs are differentiable w.r.t. ``logits``; the entropy is not. ``vocab_start``: the
-    first vocabulary row of this rank's slice; ``vocab_size``: the real (unpadded) vocabulary.
+    first vocabulary row of this rank's slice; ``vocab_size``: the real (unpadded) vocabulary. ``temperature``:
+    log-probs and entropy of softmax(logits / temperature) (``rollout.logprobs=tempered``), gradient included.
     """
+    if not temperature > 0:
+        raise ValueError(f"token_logprobs_and_entropy: temperature must be > 0, got {temperature}")
     bsz, seq, v_local = logits.shape
     logp, entropy = _VocabParallelLogprob.apply(logits.reshape(bsz * seq, v_local), targets.reshape(-1),
-                                                vocab_size, vocab_start, tp_group, chunk_bytes)
+                                                vocab_size, vocab_start, tp_group, chunk_bytes, float(temperature))
     return logp.view(bsz, seq), entropy.view(bsz, seq)

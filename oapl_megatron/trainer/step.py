@@ -9,6 +9,10 @@ the metrics and one of the finiteness flag. Every collective is bounded by the p
 The loss of each micro-batch is divided by the step's global denominator (sequences for OAPL and sequence-level
 GRPO, response tokens for token-level GRPO/TIS), so micro-batching, DP and PP all produce the gradient of one big
 batch. Non-finite losses or gradients skip the optimizer step on every rank and are counted.
+
+``temperature``: log-probs (and the entropy metric) are those of softmax(logits / temperature), the distribution
+the engines sample from under ``rollout.logprobs=tempered`` (the caller passes ``cfg.rollout.logprob_temperature``:
+1 for raw log-probs).
 """
 
 from __future__ import annotations
@@ -44,10 +48,10 @@ def _forward(model, mb: MicroBatch, mask: torch.Tensor):
 
 
 def _token_stats(logits: torch.Tensor, mb: MicroBatch, ctx: ParallelContext, vocab_size: int, padded_vocab: int,
-                 tp_group):
-    # logits: [B, S, V/tp] in the model's dtype; chunked over tokens, fp32 inside
+                 tp_group, temperature: float = 1.0):
+    # logits: [B, S, V/tp] in the model's dtype; chunked over tokens, fp32 inside, divided by the temperature there
     return token_logprobs_and_entropy(logits, mb.targets, vocab_size, _vocab_slice(ctx, padded_vocab),
-                                      tp_group)  # [B, S] each
+                                      tp_group, temperature=temperature)  # [B, S] each
 
 
 def _objective_loss(objective, tok_logp: torch.Tensor, mb: MicroBatch, batch: StepBatch):
@@ -62,8 +66,9 @@ def _objective_loss(objective, tok_logp: torch.Tensor, mb: MicroBatch, batch: St
                      num_tokens=batch.num_tokens, num_sequences=batch.num_sequences)
 
 
-def _loss_func(mb: MicroBatch, batch: StepBatch, objective, ctx, vocab_size, padded_vocab, tp_group, logits):
-    tok_logp, entropy = _token_stats(logits, mb, ctx, vocab_size, padded_vocab, tp_group)
+def _loss_func(mb: MicroBatch, batch: StepBatch, objective, ctx, vocab_size, padded_vocab, tp_group, temperature,
+               logits):
+    tok_logp, entropy = _token_stats(logits, mb, ctx, vocab_size, padded_vocab, tp_group, temperature)
     loss, m = _objective_loss(objective, tok_logp, mb, batch)
     n_valid = mb.valid.sum()
     stats = {
@@ -129,7 +134,8 @@ def _finish_metrics(sums: dict[str, float], objective) -> dict[str, float]:
 
 
 def forward_backward(state: TrainState, batch: StepBatch, objective: OAPLObjective | GRPOObjective,
-                     ctx: ParallelContext, vocab_size: int, padded_vocab: int) -> dict[str, float]:
+                     ctx: ParallelContext, vocab_size: int, padded_vocab: int,
+                     temperature: float = 1.0) -> dict[str, float]:
     """Zero the gradients, then forward + backward over this rank's micro-batches; gradients end reduced over DP
     (``finalize_model_grads``). Returns global metrics, identical on every rank."""
     for c in state.chunks:
@@ -143,7 +149,7 @@ def forward_backward(state: TrainState, batch: StepBatch, objective: OAPLObjecti
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         out = _forward(model, mb, mask)
-        return out, partial(_loss_func, mb, batch, objective, ctx, vocab_size, padded_vocab, tp_group)
+        return out, partial(_loss_func, mb, batch, objective, ctx, vocab_size, padded_vocab, tp_group, temperature)
 
     store = _run_schedule(state.chunks, batch, forward_step, forward_only=False, ctx=ctx)
     return _finish_metrics(_reduce_stats(store, ctx), objective)
@@ -171,14 +177,14 @@ def apply_update(state: TrainState, metrics: dict[str, float]) -> dict[str, floa
 
 
 def train_step(state: TrainState, batch: StepBatch, objective: OAPLObjective | GRPOObjective,
-               ctx: ParallelContext, vocab_size: int, padded_vocab: int) -> dict[str, float]:
+               ctx: ParallelContext, vocab_size: int, padded_vocab: int, temperature: float = 1.0) -> dict[str, float]:
     """One optimizer step: :func:`forward_backward` then :func:`apply_update`."""
-    return apply_update(state, forward_backward(state, batch, objective, ctx, vocab_size, padded_vocab))
+    return apply_update(state, forward_backward(state, batch, objective, ctx, vocab_size, padded_vocab, temperature))
 
 
 @torch.no_grad()
 def forward_logprobs(chunks: list, batch: StepBatch, ctx: ParallelContext, vocab_size: int,
-                     padded_vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     padded_vocab: int, temperature: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-token (log-prob, entropy) of every target position, [B, S] each per micro-batch of this rank.
 
     Computed on the last pipeline stage and broadcast over the pipeline group, so every rank of this DP replica
@@ -189,7 +195,7 @@ def forward_logprobs(chunks: list, batch: StepBatch, ctx: ParallelContext, vocab
     tp_group = ctx.tp_group
 
     def loss_func(mb, logits):
-        tok_logp, entropy = _token_stats(logits, mb, ctx, vocab_size, padded_vocab, tp_group)
+        tok_logp, entropy = _token_stats(logits, mb, ctx, vocab_size, padded_vocab, tp_group, temperature)
         return torch.zeros(()), torch.ones((), dtype=torch.int), {"logp": tok_logp, "entropy": entropy}
 
     def forward_step(data_iterator, model):
