@@ -16,6 +16,7 @@ from oapl_megatron.config.base import StrictModel
 from oapl_megatron.config.checkpoint import CheckpointConfig
 from oapl_megatron.config.data import MathDatasetTaskConfig
 from oapl_megatron.config.loop import EvalConfig, ExportConfig, LoggingConfig, LoopConfig
+from oapl_megatron.config.profile import ProfileConfig
 from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig
 from oapl_megatron.config.task import SyntheticTaskConfig
 
@@ -159,6 +160,7 @@ class RunConfig(StrictModel):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, TensorBoard, progress.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Final Hugging Face export.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Resumable checkpoints.")
+    profile: ProfileConfig = Field(default_factory=ProfileConfig, description="Traces, NVTX ranges, MFU peak.")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":
