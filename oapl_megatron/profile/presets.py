@@ -36,6 +36,10 @@ MODELS: dict[str, ArchSpec] = {
     "tiny": ArchSpec(family="qwen3", num_layers=2, hidden=64, ffn_hidden=128, heads=4, kv_heads=2, head_dim=16,
                      vocab_size=128, rope_theta=1e6, rms_eps=1e-6, tie_word_embeddings=True, qkv_bias=False,
                      qk_norm=True, max_position_embeddings=512),
+    # the CPU demo's policy (oapl_megatron/entrypoints/demo.py TINY_QWEN3 with its 21-symbol char tokenizer)
+    "demo": ArchSpec(family="qwen3", num_layers=4, hidden=128, ffn_hidden=384, heads=4, kv_heads=2, head_dim=32,
+                     vocab_size=21, rope_theta=1e4, rms_eps=1e-6, tie_word_embeddings=True, qkv_bias=False,
+                     qk_norm=True, max_position_embeddings=256),
     "cpu-small": ArchSpec(family="qwen3", num_layers=8, hidden=256, ffn_hidden=704, heads=8, kv_heads=4, head_dim=32,
                           vocab_size=512, rope_theta=1e6, rms_eps=1e-6, tie_word_embeddings=False, qkv_bias=False,
                           qk_norm=True, max_position_embeddings=1024),

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every measurement behind docs/scaling.md, on this machine (CPU, gloo). Run from the repository root with the venv
+# active (or PY=.venv/bin/python). Writes JSON/PNG under OUT (default docs/results/profile) and prints the tables.
+# Stages can be run alone: tools/profile_cpu.sh peak|sweep|trainer|loop|validate|model|breakdown
+set -euo pipefail
+PY=${PY:-python}
+OUT=${OUT:-docs/results/profile}
+export OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+P="$PY -m oapl_megatron.entrypoints.profile"
+stage=${1:-all}
+run() { [[ $stage == all || $stage == "$1" ]]; }
+
+# The demo's batch shape (P=32 × G=8 sequences per step; prompt ≈ 16 and response ≈ 32 tokens of the char tokenizer)
+# on the demo's policy shape (4 layers, d=128, GQA 4/2, tied) — preset "demo".
+if run peak; then
+  $P peak --ranks 1 --out "$OUT/peak_r1"
+  $P peak --ranks 2 --out "$OUT/peak_r2"
+fi
+if run sweep; then
+  $P sweep --model cpu-small --ranks 4 --mbs 2 8 --seqs 16 --prompt-len 32 --response-len 96 --steps 3 \
+    --peak-json "$OUT/peak_r2/result.json" --out "$OUT/sweep_cpu_small_r4"
+fi
+if run trainer; then
+  $P scaling --model demo --ranks 1 2 4 --seqs-per-rank 64 --prompt-len 16 --response-len 32 --mbs 64 --steps 4 \
+    --peak-json "$OUT/peak_r2/result.json" --out "$OUT/trainer_scaling_demo"
+fi
+if run loop; then
+  # the demo's loop (its config, a freshly warm-started policy), short and without evaluation / export
+  [[ -f runs/profile_demo_model/config.json ]] || $PY tools/profile_demo_model.py runs/profile_demo_model
+  $P scaling --loop configs/demo.yaml --ranks 1 2 4 --out "$OUT/loop_scaling_demo" --peak-json "$OUT/peak_r2/result.json" \
+    --override model.hf_path=runs/profile_demo_model parallel.tp=1 train.steps=13 eval.every=0 \
+               logging.tensorboard=false
+fi
+if run validate; then
+  $P validate --trainer "$OUT/trainer_scaling_demo/scaling.json" --loop "$OUT/loop_scaling_demo/scaling.json" \
+    --out "$OUT/validation.json"
+fi
+if run model; then
+  $P model --model qwen3-4b --gpu h100 --lag 50 --prompts 32 --samples 8 --prompt-len 512 --response-len 8192 \
+    --gpus 8 16 32 64 128 256 512 1024 --out "$OUT/model_qwen3_4b_math.json"
+  $P model --model r1-distill-qwen-14b --gpu h100 --lag 400 --prompts 32 --samples 8 --prompt-len 4096 \
+    --response-len 16000 --tp 4 --gpus 8 16 32 64 128 256 512 1024 --out "$OUT/model_r1_14b_code.json"
+fi
