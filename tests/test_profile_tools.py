@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from oapl_megatron.entrypoints.profile import main
+from oapl_megatron.entrypoints.profiling import main
 
 
 @pytest.mark.slow

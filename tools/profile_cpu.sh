@@ -6,7 +6,7 @@ set -euo pipefail
 PY=${PY:-python}
 OUT=${OUT:-docs/results/profile}
 export OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-P="$PY -m oapl_megatron.entrypoints.profile"
+P="$PY -m oapl_megatron.entrypoints.profiling"
 stage=${1:-all}
 run() { [[ $stage == all || $stage == "$1" ]]; }
 

@@ -31,9 +31,10 @@ from oapl_megatron.models.builder import build_policy
 from oapl_megatron.models.hf_config import arch_from_hf, make_vocab_padding
 from oapl_megatron.models.hf_io import iter_hf_weights, load_hf_weights, unwrap
 from oapl_megatron.parallel.bootstrap import ParallelContext, init_distributed, shutdown
+from oapl_megatron.profile.loop_hooks import LoopProfiler
 from oapl_megatron.trainer.batch import build_step_batch
 from oapl_megatron.trainer.optimizer import TrainState, wrap_and_build_optimizer
-from oapl_megatron.trainer.step import forward_logprobs, train_step
+from oapl_megatron.trainer.step import apply_update, forward_backward, forward_logprobs
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Trainer:
     padded_vocab: int
     control: dist.ProcessGroup | None
     frozen: list | None = None  # trainer-side copy of π_vllm (loop.ref_logp_source=trainer)
+    prof: LoopProfiler | None = None  # per-phase times, FLOPs, traces (oapl_megatron.profile.loop_hooks)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -79,21 +81,34 @@ def run(cfg: RunConfig) -> dict:
             driver.producer.start()
             if cfg.eval.every and start_step == 0:
                 driver.log.step(0, {"policy_version": 0, **_evaluate(driver, cfg)})
+        prof = tr.prof
         for step in range(start_step + 1, cfg.train.steps + 1):
+            prof.begin_step(step)
             metrics = train_one_step(tr, driver, step)
             last_step = step == cfg.train.steps
             if schedule.should_sync(step) or last_step:
-                metrics.update(sync_weights(tr, driver, step))
+                with prof.phase("sync_other"):
+                    metrics.update(sync_weights(tr, driver, step))
+                prof.book_sync(driver.sync_reports[-1] if driver is not None else None)
             if cfg.checkpoint.due(step) or (last_step and _final_save(cfg, step, driver)):
-                metrics["checkpoint_s"] = save(tr, driver, step)
+                with prof.phase("checkpoint"):
+                    metrics["checkpoint_s"] = save(tr, driver, step)
             if driver is not None:
                 if cfg.eval.every and (step % cfg.eval.every == 0 or last_step):
-                    metrics.update(_evaluate(driver, cfg))
-                driver.log.step(step, metrics)
+                    with prof.phase("evaluation"):
+                        metrics.update(_evaluate(driver, cfg))
+                metrics.update(prof.end_step(step, driver.engines))
+                with prof.phase("logging"):  # booked to the next step (see profile/loop_hooks.py)
+                    driver.log.step(step, metrics)
                 last = metrics
+            else:
+                prof.end_step(step)
+            prof.after_step(step)
         if cfg.export.final_hf:
             export_hf(tr, Path(cfg.run_dir) / "final_hf", driver)
     finally:
+        if tr.prof is not None:
+            tr.prof.close()
         if driver is not None:
             driver.producer.stop()
             driver.engines.shutdown()
@@ -175,7 +190,8 @@ def setup_trainer(cfg: RunConfig) -> Trainer:
     if ctx.rank == 0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
-    return Trainer(cfg, ctx, arch, state, make_vocab_padding(arch.vocab_size, ctx.tp), control, frozen)
+    return Trainer(cfg, ctx, arch, state, make_vocab_padding(arch.vocab_size, ctx.tp), control, frozen,
+                   LoopProfiler(cfg, ctx.rank, ctx.world_size, arch))
 
 
 def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
@@ -221,7 +237,8 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int):
     payload = None
     if driver is not None:
         t0 = time.perf_counter()
-        groups = driver.producer.take(tr.cfg.train.prompts_per_step, tr.cfg.loop.wait_timeout_s)
+        with tr.prof.phase("wait_for_data"):
+            groups = driver.producer.take(tr.cfg.train.prompts_per_step, tr.cfg.loop.wait_timeout_s)
         wait_s = time.perf_counter() - t0
         records = groups_to_records(groups, tr.cfg.objective)
         cur = driver.buffer.current_version
@@ -243,7 +260,8 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int):
             "prompt_ids_crc": zlib.crc32("|".join(f"{g.stream_index}:{g.prompt.id}" for g in groups).encode()),
         }
         payload = (records, info)
-    return _broadcast_object(payload, tr)
+    with tr.prof.phase("batch_broadcast"):
+        return _broadcast_object(payload, tr)
 
 
 def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
@@ -251,10 +269,16 @@ def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
     ctx, cfg = tr.ctx, tr.cfg
     batch = build_step_batch(records, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
                              micro_batch_size=cfg.train.micro_batch_size, pad_id=0)
+    tr.prof.batch_stats(records, ref_forward=tr.frozen is not None)
     if tr.frozen is not None:
-        info["ref_logp_engine_vs_trainer"] = _use_trainer_reference(tr, batch)
+        with tr.prof.phase("ref_logp"):
+            info["ref_logp_engine_vs_trainer"] = _use_trainer_reference(tr, batch)
     t0 = time.perf_counter()
-    metrics = train_step(tr.state, batch, cfg.objective, ctx, tr.arch.vocab_size, tr.padded_vocab)
+    # trainer.step.train_step, in its two halves so that each is timed
+    with tr.prof.phase("trainer_fwd_bwd"):
+        metrics = forward_backward(tr.state, batch, cfg.objective, ctx, tr.arch.vocab_size, tr.padded_vocab)
+    with tr.prof.phase("optimizer"):
+        metrics = apply_update(tr.state, metrics)
     dt = time.perf_counter() - t0
     metrics.update(info)
     metrics["train_step_s"] = dt
@@ -288,6 +312,8 @@ def sync_weights(tr: Trainer, driver: Driver | None, step: int, version: int | N
     step ``step`` on."""
     t0 = time.perf_counter()
     named = iter_hf_weights(tr.state.chunks, tr.ctx, tr.arch, dst_rank=0, include_tied_lm_head=True)
+    if tr.prof is not None:
+        named = tr.prof.timed_stream(named)
     out: dict = {}
     if driver is not None:
         report = driver.engines.sync_weights(named, version=version)

@@ -64,7 +64,8 @@ def step_rows(metrics: list[dict]) -> list[dict]:
             # busy includes evaluation generation; the evaluation phase is the engines' too, not rollout
             gen_busy = max(0.0, (busy - prev_busy) - row["evaluation"] * (m.get("engines") or 1))
             row["engine_busy_s"] = gen_busy
-            row["engine_idle_fraction"] = max(0.0, 1.0 - (busy - prev_busy) / (wall - prev_wall))
+            row["engine_idle_fraction"] = max(0.0, 1.0 - (busy - prev_busy) / ((wall - prev_wall)
+                                                                       * (m.get("engines") or 1)))
         prev_busy, prev_wall = busy, wall
         out.append(row)
     return out

@@ -9,6 +9,8 @@
     oapl-profile validate --trainer prof/scaling/scaling.json --loop prof/loop/scaling.json   # predicted vs measured
 
 Every subcommand prints a table and writes JSON (``--out``); plots are made from the JSON.
+(The module is ``profiling``, not ``profile``: the entrypoints run as scripts put this directory first on
+``sys.path``, where a ``profile.py`` would shadow the standard library's ``profile`` that cProfile imports.)
 """
 
 from __future__ import annotations
