@@ -85,3 +85,25 @@ def test_trace_written_for_the_configured_steps(run):
     names = {e.get("name", "") for e in trace["traceEvents"]}
     # the trainer's matmuls ran inside the traced steps
     assert any("mm" in n for n in names), sorted(names)[:20]
+
+
+def test_profile_config_and_timer_contracts():
+    from pydantic import ValidationError
+
+    from oapl_megatron.config.schema import RunConfig
+    from oapl_megatron.profile.timers import PhaseTimer
+
+    assert RunConfig.model_validate({"profile": {"steps": [3, 5]}}).profile.steps == [3, 5]
+    for bad in ([5, 3], [0, 2], [1, 2, 3]):
+        with pytest.raises(ValidationError, match="profile.steps"):
+            RunConfig.model_validate({"profile": {"steps": bad}})
+    t = PhaseTimer()
+    t.begin_step()
+    with t.phase("a"):
+        with pytest.raises(RuntimeError, match="disjoint"):
+            with t.phase("b"):
+                pass
+    t.add("b", 0.25)
+    t.move("b", "c", 1.0)  # clamped to what b holds
+    out = t.end_step()
+    assert out["time/b_s"] == 0.0 and out["time/c_s"] == 0.25 and out["time/step_s"] >= out["time/a_s"]

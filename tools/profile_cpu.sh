@@ -10,8 +10,8 @@ P="$PY -m oapl_megatron.entrypoints.profiling"
 stage=${1:-all}
 run() { [[ $stage == all || $stage == "$1" ]]; }
 
-# The demo's batch shape (P=32 × G=8 sequences per step; prompt ≈ 16 and response ≈ 32 tokens of the char tokenizer)
-# on the demo's policy shape (4 layers, d=128, GQA 4/2, tied) — preset "demo".
+# The demo's batch shape (P=32 × G=8 sequences per step; prompt ≈ 10 and response ≈ 26 ± 12 tokens of the char
+# tokenizer, measured in the loop runs) on the demo's policy shape (4 layers, d=128, GQA 4/2, tied) — preset "demo".
 if run peak; then
   $P peak --ranks 1 --out "$OUT/peak_r1"
   $P peak --ranks 2 --out "$OUT/peak_r2"
@@ -21,15 +21,16 @@ if run sweep; then
     --peak-json "$OUT/peak_r2/result.json" --out "$OUT/sweep_cpu_small_r4"
 fi
 if run trainer; then
-  $P scaling --model demo --ranks 1 2 4 --seqs-per-rank 64 --prompt-len 16 --response-len 32 --mbs 64 --steps 4 \
+  $P scaling --model demo --ranks 1 2 4 --seqs-per-rank 64 --prompt-len 10 --response-len 26 --response-jitter 12 \
+    --mbs 64 --steps 4 \
     --peak-json "$OUT/peak_r2/result.json" --out "$OUT/trainer_scaling_demo"
 fi
 if run loop; then
   # the demo's loop (its config, a freshly warm-started policy), short and without evaluation / export
   [[ -f runs/profile_demo_model/config.json ]] || $PY tools/profile_demo_model.py runs/profile_demo_model
   $P scaling --loop configs/demo.yaml --ranks 1 2 4 --out "$OUT/loop_scaling_demo" --peak-json "$OUT/peak_r2/result.json" \
-    --override model.hf_path=runs/profile_demo_model parallel.tp=1 train.steps=13 eval.every=0 \
-               logging.tensorboard=false
+    --override model.hf_path=runs/profile_demo_model parallel.tp=1 train.steps=12 eval.every=0 \
+               checkpoint.save_on_exit=false logging.tensorboard=false
 fi
 if run validate; then
   $P validate --trainer "$OUT/trainer_scaling_demo/scaling.json" --loop "$OUT/loop_scaling_demo/scaling.json" \

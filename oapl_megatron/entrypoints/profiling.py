@@ -56,7 +56,7 @@ def cmd_sweep(args) -> None:
     layouts = args.layouts or layouts_for(args.ranks, args.mbs, vpp=not args.no_vpp)
     extra = ["--model", args.model, "--layouts", *layouts, "--seqs", str(args.seqs), "--prompt-len",
              str(args.prompt_len), "--response-len", str(args.response_len), "--steps", str(args.steps),
-             "--warmup", str(args.warmup)]
+             "--warmup", str(args.warmup), "--response-jitter", str(args.response_jitter)]
     peak = _peak_from(args)
     if peak:
         extra += ["--peak-flops", str(peak)]
@@ -75,7 +75,7 @@ def cmd_scaling(args) -> None:
     else:
         res["trainer"] = scaling.trainer_scaling(args.model, args.ranks, out, args.seqs_per_rank, args.prompt_len,
                                                  args.response_len, args.mbs, args.steps, args.warmup, args.family,
-                                                 _peak_from(args), args.timeout_s)
+                                                 _peak_from(args), args.timeout_s, args.response_jitter)
     scaling.write(res, out)
     print(scaling.format_scaling(res))
 
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(seqs_name, type=int, default=seqs_default)
         p.add_argument("--prompt-len", type=int, default=32)
         p.add_argument("--response-len", type=int, default=96)
+        p.add_argument("--response-jitter", type=int, default=0, help="response lengths uniform in len ± this")
         p.add_argument("--steps", type=int, default=3)
         p.add_argument("--warmup", type=int, default=1)
         p.add_argument("--timeout-s", type=float, default=1800)

@@ -161,6 +161,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _finite(v):
+    """JSON has no NaN: a quantity that could not be measured (no sync in the window, no peak) is null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
 def analyze_run(run_dir: Path, peak_flops_per_rank: float | None = None, out: Path | None = None,
                 png: bool = True) -> dict:
     """The whole ``oapl-profile run``: returns {"rows", "summary", "table"} and writes JSON (+ PNG)."""
@@ -170,8 +181,8 @@ def analyze_run(run_dir: Path, peak_flops_per_rank: float | None = None, out: Pa
     table = format_table(rows, summary)
     out = Path(out) if out else run_dir
     out.mkdir(parents=True, exist_ok=True)
-    (out / "breakdown.json").write_text(json.dumps({"run_dir": str(run_dir), "rows": rows, "summary": summary},
-                                                   indent=1, default=lambda v: None))
+    (out / "breakdown.json").write_text(json.dumps(_finite({"run_dir": str(run_dir), "rows": rows,
+                                                           "summary": summary}), indent=1))
     if png:
         plot(rows, out / "breakdown.png", f"per-step time breakdown: {run_dir.name}")
     return {"rows": rows, "summary": summary, "table": table}

@@ -34,14 +34,15 @@ def _layout_for(family: str, world: int) -> str:
 
 def trainer_scaling(model: str, worlds: list[int], out: Path, seqs_per_rank: int, prompt_len: int,
                     response_len: int, mbs: int, steps: int, warmup: int, family: str = "dp",
-                    peak_flops: float | None = None, timeout_s: float = 900) -> dict:
+                    peak_flops: float | None = None, timeout_s: float = 900, response_jitter: int = 0) -> dict:
     rows = []
     for kind in ("strong", "weak"):
         for n in worlds:
             seqs = seqs_per_rank * (n if kind == "weak" else max(worlds))
             layout = _layout_for(family, n).format(m=mbs)
             args = ["--model", model, "--layouts", layout, "--seqs", str(seqs), "--prompt-len", str(prompt_len),
-                    "--response-len", str(response_len), "--steps", str(steps), "--warmup", str(warmup)]
+                    "--response-len", str(response_len), "--steps", str(steps), "--warmup", str(warmup),
+                    "--response-jitter", str(response_jitter)]
             if peak_flops:
                 args += ["--peak-flops", str(peak_flops)]
             r = run_workers("oapl_megatron.profile.sweep", n, Path(out) / f"{kind}_n{n}", args, timeout_s)

@@ -71,7 +71,7 @@ class _RSSSampler:
         self._t.join(timeout=1.0)
 
 
-def _records(vocab: int, seqs: int, prompt_len: int, response_len: int, seed: int):
+def _records(vocab: int, seqs: int, prompt_len: int, response_len: int, seed: int, jitter: int = 0):
     import torch
 
     from oapl_megatron.trainer.batch import SequenceRecord
@@ -80,7 +80,8 @@ def _records(vocab: int, seqs: int, prompt_len: int, response_len: int, seed: in
     recs = []
     for i in range(seqs):
         prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
-        resp = torch.randint(3, vocab, (response_len,), generator=g).tolist()
+        n = response_len + (int(torch.randint(-jitter, jitter + 1, (1,), generator=g)) if jitter else 0)
+        resp = torch.randint(3, vocab, (max(1, n),), generator=g).tolist()
         recs.append(SequenceRecord(prompt, resp, advantage=float(i % 2) - 0.5, ref_logp=-2.0 * response_len))
     return recs
 
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seqs", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--response-len", type=int, default=96)
+    ap.add_argument("--response-jitter", type=int, default=0,
+                    help="response lengths uniform in response-len ± this (micro-batches pad to their longest)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--peak-flops", type=float, default=None, help="per-rank peak FLOP/s for the MFU")
@@ -173,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
 
     a = arch(args.model)
     ctx = init_distributed(ParallelConfig(tp=1, pp=1, timeout_s=600), seed=0)
-    records = _records(a.vocab_size, args.seqs, args.prompt_len, args.response_len, seed=0)
+    records = _records(a.vocab_size, args.seqs, args.prompt_len, args.response_len, seed=0,
+                       jitter=args.response_jitter)
     rows, errors = [], []
     for text in args.layouts:
         layout = parse_layout(text)
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     if ctx.rank == 0:
         result = {"model": args.model, "num_params": a.num_params, "world_size": ctx.world_size,
                   "seqs": args.seqs, "prompt_len": args.prompt_len, "response_len": args.response_len,
+                  "response_jitter": args.response_jitter,
                   "steps": args.steps, "warmup": args.warmup, "peak_flops_per_rank": args.peak_flops,
                   "rows": rows, "errors": errors}
         Path(args.out).mkdir(parents=True, exist_ok=True)
