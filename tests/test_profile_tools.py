@@ -23,7 +23,9 @@ def test_sweep_two_ranks(tmp_path, capsys):
     for x in r["rows"]:
         assert x["dp"] * x["tp"] * x["pp"] == 2
         assert x["tokens_per_step"] == 8 * 32 and x["step_s"] > 0
-        assert x["fwd_bwd_s"] + x["optimizer_s"] <= x["step_s"] * 1.05
+        # medians over the timed steps; each step is the slowest rank's time of forward/backward + optimizer
+        assert len(x["step_s_all"]) == 2 and x["step_s"] in x["step_s_all"]
+        assert 0 < x["optimizer_s"] and 0 < x["fwd_bwd_s"] <= max(x["step_s_all"])
         assert x["mfu"] == pytest.approx(x["flops_per_s"] / (2 * 0.1e12))
         assert len(x["peak_mem_bytes_per_rank"]) == 2 and min(x["peak_mem_bytes_per_rank"]) > 50 * 2**20
     text = capsys.readouterr().out

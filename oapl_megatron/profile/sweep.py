@@ -4,7 +4,8 @@ The worker (``python -m oapl_megatron.profile.sweep --out DIR --model M --layout
 process per rank) builds the policy with megatron-core for each layout of the same world — TP × PP (× VPP), DP the
 rest, a micro-batch size — runs ``--warmup`` untimed then ``--steps`` timed OAPL optimizer steps on a fixed
 synthetic batch (random tokens, ``--seqs`` sequences of ``--prompt-len`` + ``--response-len`` tokens), and
-records per layout: step time (split into forward/backward and optimizer), trainer tokens/s, model FLOP/s and MFU
+records per layout: the median step time over the timed steps (each step as long as its slowest rank; split
+into forward/backward and optimizer), trainer tokens/s, model FLOP/s and MFU
 against ``--peak-flops`` (per rank), and the peak memory of every rank (GPU: max allocated; CPU: the largest
 resident set sampled every 5 ms during the timed steps). Weights are megatron's random initialisation: timing
 does not depend on the values. Writes ``DIR/result.json`` (rank 0).
@@ -117,10 +118,9 @@ def run_layout(arch, layout: dict, records, steps: int, warmup: int, peak_flops:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     dist.barrier()
-    fb_s = opt_s = 0.0
+    per_step = torch.zeros(steps, 3, dtype=torch.float64)  # [step, (total, fwd+bwd, optimizer)]
     with _RSSSampler() as rss:
-        t_start = time.perf_counter()
-        for _ in range(steps):
+        for i in range(steps):
             sync()
             t0 = time.perf_counter()
             m = forward_backward(state, batch, obj, ctx, arch.vocab_size, padded)
@@ -128,23 +128,22 @@ def run_layout(arch, layout: dict, records, steps: int, warmup: int, peak_flops:
             t1 = time.perf_counter()
             apply_update(state, m)
             sync()
-            fb_s += t1 - t0
-            opt_s += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            per_step[i] = torch.tensor([t2 - t0, t1 - t0, t2 - t1], dtype=torch.float64)
         dist.barrier()
-        total = time.perf_counter() - t_start
     peak_mem = torch.cuda.max_memory_allocated() if cuda else rss.peak
     mems = [None] * dist.get_world_size()
     dist.all_gather_object(mems, peak_mem)
-    # the slowest rank's view is the step time; take the max over ranks
-    times = torch.tensor([total, fb_s, opt_s], dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)
-    total, fb_s, opt_s = times.tolist()
+    # a step lasts as long as its slowest rank; the median over steps resists the bursts of a shared machine
+    dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
+    med = per_step.median(dim=0).values.tolist()
+    step_s, fb_s, opt_s = med
     tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in records)
     flops = train_flops(arch, [len(r.prompt_ids) + len(r.response_ids) for r in records])
     world = dist.get_world_size()
-    step_s = total / steps
-    out = {**layout, "dp": ctx.dp, "world_size": world, "step_s": step_s, "fwd_bwd_s": fb_s / steps,
-           "optimizer_s": opt_s / steps, "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
+    out = {**layout, "dp": ctx.dp, "world_size": world, "step_s": step_s, "fwd_bwd_s": fb_s,
+           "optimizer_s": opt_s, "step_s_all": per_step[:, 0].tolist(), "tokens_per_step": tokens,
+           "tokens_per_s": tokens / step_s,
            "flops_per_step": flops, "flops_per_s": flops / step_s,
            "mfu": flops / step_s / (world * peak_flops) if peak_flops else None,
            "peak_mem_bytes_per_rank": mems, "mem_method": "cuda.max_memory_allocated" if cuda else "rss sampled 5 ms",
