@@ -79,12 +79,14 @@ def validation(root: Path) -> list[str]:
     if not r:
         return []
     out = ["| trainer ranks | measured step s | predicted step s | error | predicted bound | engine idle measured | "
-           "engine idle predicted |", "|---|---|---|---|---|---|---|"]
+           "engine idle predicted | own-components prediction s | error | bound |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         cal = " (calibration run)" if x["calibration_point"] else ""
         out.append(f"| {x['ranks']}{cal} | {x['measured_step_s']:.3f} | {x['predicted_step_s']:.3f} | "
                    f"{100 * x['error']:+.1f} % | {x['bound']} | {x['measured_engine_idle']:.2f} | "
-                   f"{x['predicted_engine_idle']:.2f} |")
+                   f"{x['predicted_engine_idle']:.2f} | {x['own_predicted_step_s']:.3f} | {100 * x['own_error']:+.1f} % "
+                   f"| {x['own_bound']} |")
     return out
 
 
