@@ -39,6 +39,12 @@ fi
 if run model; then
   $P model --model qwen3-4b --gpu h100 --lag 50 --prompts 32 --samples 8 --prompt-len 512 --response-len 8192 \
     --gpus 8 16 32 64 128 256 512 1024 --out "$OUT/model_qwen3_4b_math.json"
+  # 14B: the trainer needs TP4 and ≥ 8 GPUs to hold weights + grads + Adam state; TP4 engines fit long contexts
   $P model --model r1-distill-qwen-14b --gpu h100 --lag 400 --prompts 32 --samples 8 --prompt-len 4096 \
-    --response-len 16000 --tp 4 --gpus 8 16 32 64 128 256 512 1024 --out "$OUT/model_r1_14b_code.json"
+    --response-len 16000 --tp 4 --engine-tp 4 --gpus 16 32 64 128 256 512 1024 --out "$OUT/model_r1_14b_code.json"
+  # peers' anchor: NeMo-RL Qwen3-32B end-to-end tokens/s per GPU at 32 and 64 GPUs
+  $P model --model qwen3-32b --gpu h100 --lag 1 --prompts 32 --samples 8 --prompt-len 512 --response-len 8192 \
+    --tp 8 --engine-tp 2 --gpus 32 64 --out "$OUT/model_qwen3_32b_peer.json"
+  $P model --model qwen3-32b --gpu h100 --lag 50 --prompts 32 --samples 8 --prompt-len 512 --response-len 8192 \
+    --tp 8 --engine-tp 2 --gpus 32 64 --out "$OUT/model_qwen3_32b_l50.json"
 fi

@@ -113,13 +113,14 @@ def lag_to_saturate(c: Components, idle_target: float = 0.1, max_lag: int = 100_
 class Efficiency:
     """The model's assumptions: the fraction of each roofline a real stack reaches.
 
-    Defaults: trainer MFU from prime-rl's Qwen3-4B RL benchmark on 8×H200 (14.7 % at 16K, 36.1 % at 64K tokens per
-    GPU per step → mfu_max 0.70, half point 60K tokens; shared/notes/profiling.md); decode at 60 % of HBM bandwidth
+    Defaults: trainer MFU saturates at Megatron-LM's best published 45 % and passes through prime-rl's Qwen3-4B RL
+    point on 8×H200 (14.7 % at 16K tokens per GPU; its 64K point, 36.1 %, comes out 30 %) → half point 33K tokens
+    (shared/notes/profiling.md); decode at 60 % of HBM bandwidth
     and 40 % of peak (vLLM-class engines); weight sync at 70 % of the link (NeMo-RL's refit of Qwen3-4B, 0.21–0.34 s,
     implies ≈ 40–60 % of 400 Gb/s), 0.1 s fixed latency; DP communication fully exposed (no overlap)."""
 
-    mfu_max: float = 0.70
-    mfu_half_tokens: float = 60_000.0
+    mfu_max: float = 0.45
+    mfu_half_tokens: float = 33_000.0
     gen_mem_eff: float = 0.60
     gen_compute_eff: float = 0.40
     sync_bw_eff: float = 0.70
