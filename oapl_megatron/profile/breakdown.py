@@ -152,6 +152,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         h = [max(0.0, r[c]) for r in rows]
         ax.bar(x, h, bottom=bottom, label=c, color=cmap(i % 20), width=0.8)
         bottom = [b + v for b, v in zip(bottom, h)]
+    if len(x) <= 40:
+        ax.set_xticks(x)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("seconds")
     ax.set_title(title)
