@@ -47,4 +47,9 @@ if run model; then
     --tp 8 --engine-tp 2 --gpus 32 64 --out "$OUT/model_qwen3_32b_peer.json"
   $P model --model qwen3-32b --gpu h100 --lag 50 --prompts 32 --samples 8 --prompt-len 512 --response-len 8192 \
     --tp 8 --engine-tp 2 --gpus 32 64 --out "$OUT/model_qwen3_32b_l50.json"
+  # NeMo-RL Llama-8B (an 8B dense model; Qwen3-8B here) end-to-end tokens/s per GPU at 16 GPUs
+  $P model --model qwen3-8b --gpu h100 --lag 1 --prompts 32 --samples 8 --prompt-len 512 --response-len 8192 \
+    --tp 2 --gpus 16 --out "$OUT/model_qwen3_8b_peer.json"
+  $P model --model qwen3-8b --gpu h100 --lag 50 --prompts 32 --samples 8 --prompt-len 512 --response-len 8192 \
+    --tp 2 --gpus 16 --out "$OUT/model_qwen3_8b_l50.json"
 fi
