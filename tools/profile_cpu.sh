@@ -35,6 +35,8 @@ fi
 if run validate; then
   $P validate --trainer "$OUT/trainer_scaling_demo/scaling.json" --loop "$OUT/loop_scaling_demo/scaling.json" \
     --out "$OUT/validation.json"
+  $P validate --trainer "$OUT/trainer_scaling_demo/scaling.json" --loop "$OUT/loop_scaling_demo/scaling.json" \
+    --calibrate-on 2 --out "$OUT/validation_cal2.json"
 fi
 if run model; then
   $P model --model qwen3-4b --gpu h100 --lag 50 --prompts 32 --samples 8 --prompt-len 512 --response-len 8192 \

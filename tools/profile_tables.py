@@ -74,8 +74,8 @@ def breakdown(root: Path, n: int) -> list[str]:
     return out
 
 
-def validation(root: Path) -> list[str]:
-    r = _load(root / "validation.json")
+def validation(root: Path, name: str = "validation.json") -> list[str]:
+    r = _load(root / name)
     if not r:
         return []
     out = ["| trainer ranks | measured step s | predicted step s | error | predicted bound | engine idle measured | "
@@ -126,7 +126,8 @@ def model(root: Path, name: str) -> list[str]:
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/profile")
     sections = [("peak", peak(root)), ("trainer scaling", trainer(root)), ("loop scaling", loop(root)),
-                ("breakdown n=2", breakdown(root, 2)), ("validation", validation(root)), ("sweep", sweep(root)),
+                ("breakdown n=2", breakdown(root, 2)), ("validation", validation(root)),
+                ("validation calibrated on 2 ranks", validation(root, "validation_cal2.json")), ("sweep", sweep(root)),
                 ("model qwen3-4b math", model(root, "model_qwen3_4b_math.json")),
                 ("model r1-14b code", model(root, "model_r1_14b_code.json"))]
     for title, lines in sections:
