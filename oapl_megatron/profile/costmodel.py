@@ -297,13 +297,10 @@ def calibrate_mfu(w: Workload, cl: Cluster, measured_train_s: float, eff: Effici
 
 def calibrate_generation(w: Workload, cl: Cluster, samples: int, measured_gen_s: float,
                          eff: Efficiency = Efficiency()) -> Efficiency:
-    """Fit the decode efficiency (memory or compute, whichever bounds this point) to a measured generation time."""
-    probe = generation_s(w, cl, eff, samples)
-    scale = probe["gen_s"] / measured_gen_s
-    if probe["decode_bound"] == "memory":
-        return dataclasses.replace(eff, gen_mem_eff=eff.gen_mem_eff * scale,
-                                   gen_compute_eff=eff.gen_compute_eff * scale)
-    return dataclasses.replace(eff, gen_compute_eff=eff.gen_compute_eff * scale, gen_mem_eff=eff.gen_mem_eff * scale)
+    """Fit the decode efficiencies to a measured generation time. Both (memory and compute) scale by the same factor,
+    so the point reproduces whichever roofline bounds it and the memory/compute balance of the model is kept."""
+    scale = generation_s(w, cl, eff, samples)["gen_s"] / measured_gen_s
+    return dataclasses.replace(eff, gen_mem_eff=eff.gen_mem_eff * scale, gen_compute_eff=eff.gen_compute_eff * scale)
 
 
 def calibrate_sync(w: Workload, cl: Cluster, measured_sync_s: float, eff: Efficiency = Efficiency()) -> Efficiency:
