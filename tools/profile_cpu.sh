@@ -18,7 +18,7 @@ if run peak; then
 fi
 if run sweep; then
   $P sweep --model cpu-small --ranks 4 --mbs 2 8 --seqs 16 --prompt-len 32 --response-len 96 --steps 3 \
-    --peak-json "$OUT/peak_r2/result.json" --out "$OUT/sweep_cpu_small_r4"
+    --fresh-process --peak-json "$OUT/peak_r2/result.json" --out "$OUT/sweep_cpu_small_r4"
 fi
 if run trainer; then
   $P scaling --model demo --ranks 1 2 4 --seqs-per-rank 64 --prompt-len 10 --response-len 26 --response-jitter 12 \

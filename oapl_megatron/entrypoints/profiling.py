@@ -54,13 +54,27 @@ def cmd_sweep(args) -> None:
     from oapl_megatron.profile.sweep import format_sweep, layouts_for
 
     layouts = args.layouts or layouts_for(args.ranks, args.mbs, vpp=not args.no_vpp)
-    extra = ["--model", args.model, "--layouts", *layouts, "--seqs", str(args.seqs), "--prompt-len",
+    extra = ["--model", args.model, "--seqs", str(args.seqs), "--prompt-len",
              str(args.prompt_len), "--response-len", str(args.response_len), "--steps", str(args.steps),
              "--warmup", str(args.warmup), "--response-jitter", str(args.response_jitter)]
     peak = _peak_from(args)
     if peak:
         extra += ["--peak-flops", str(peak)]
-    r = run_workers("oapl_megatron.profile.sweep", args.ranks, Path(args.out), extra, args.timeout_s)
+    if not args.fresh_process:
+        r = run_workers("oapl_megatron.profile.sweep", args.ranks, Path(args.out), ["--layouts", *layouts, *extra],
+                        args.timeout_s)
+    else:  # one torchrun per layout: CPU memory (resident set) then belongs to that layout alone
+        r = None
+        for layout in layouts:
+            one = run_workers("oapl_megatron.profile.sweep", args.ranks, Path(args.out) / layout,
+                              ["--layouts", layout, *extra], args.timeout_s)
+            if r is None:
+                r = one
+            else:
+                r["rows"] += one["rows"]
+                r["errors"] += one["errors"]
+        r["fresh_process"] = True
+        (Path(args.out) / "result.json").write_text(json.dumps(r, indent=1))
     print(format_sweep(r))
 
 
@@ -164,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mbs", type=int, nargs="+", default=[2, 8])
     p.add_argument("--layouts", nargs="+", help="explicit layouts, e.g. tp2pp1mbs4 tp1pp2vpp2mbs2")
     p.add_argument("--no-vpp", action="store_true")
+    p.add_argument("--fresh-process", action="store_true",
+                   help="one torchrun per layout (CPU peak memory is then per layout; the resident set of a "
+                        "process never shrinks, so in one process it is the running maximum)")
     p.add_argument("--out", default="runs/profile/sweep")
     p.set_defaults(fn=cmd_sweep)
 

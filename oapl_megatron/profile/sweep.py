@@ -7,8 +7,9 @@ synthetic batch (random tokens, ``--seqs`` sequences of ``--prompt-len`` + ``--r
 records per layout: the median step time over the timed steps (each step as long as its slowest rank; split
 into forward/backward and optimizer), trainer tokens/s, model FLOP/s and MFU
 against ``--peak-flops`` (per rank), and the peak memory of every rank (GPU: max allocated; CPU: the largest
-resident set sampled every 5 ms during the timed steps). Weights are megatron's random initialisation: timing
-does not depend on the values. Writes ``DIR/result.json`` (rank 0).
+resident set sampled every 5 ms during the timed steps — a process's resident set never shrinks, so with several
+layouts in one process it is a running maximum; ``oapl-profile sweep --fresh-process`` runs one per layout).
+Weights are megatron's random initialisation: timing does not depend on the values. Writes ``DIR/result.json`` (rank 0).
 
 A layout is written ``tp2pp1mbs4`` or ``tp1pp2vpp2mbs2``.
 """
