@@ -1,11 +1,16 @@
 """Markdown tables for docs/scaling.md, made from the JSON that tools/profile_cpu.sh writes (nothing typed by hand).
 
     python tools/profile_tables.py docs/results/profile > /tmp/tables.md
+    python tools/profile_tables.py docs/results/profile --fill docs/scaling.md   # rewrite the tables in place
+
+``--fill`` replaces each ``<!-- table:NAME -->`` marker (and the table after it, up to ``<!-- /table -->``) with
+the current table of that name.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -123,14 +128,36 @@ def model(root: Path, name: str) -> list[str]:
     return out
 
 
+def sections(root: Path) -> list[tuple[str, list[str]]]:
+    return [("peak", peak(root)), ("trainer scaling", trainer(root)), ("loop scaling", loop(root)),
+            ("breakdown n=2", breakdown(root, 2)), ("validation", validation(root)),
+            ("validation calibrated on 2 ranks", validation(root, "validation_cal2.json")), ("sweep", sweep(root)),
+            ("model qwen3-4b math", model(root, "model_qwen3_4b_math.json")),
+            ("model r1-14b code", model(root, "model_r1_14b_code.json"))]
+
+
+def fill(doc: Path, tables: dict[str, list[str]]) -> None:
+    text = doc.read_text()
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in tables:
+            raise SystemExit(f"{doc}: no table named {name!r} (have: {', '.join(tables)})")
+        body = "\n".join(tables[name]) if tables[name] else "(no data)"
+        return f"<!-- table:{name} -->\n{body}\n<!-- /table -->"
+
+    text = re.sub(r"<!-- table:([^>]+?) -->(?:\n.*?<!-- /table -->)?", sub, text, flags=re.S)
+    doc.write_text(text)
+
+
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results/profile")
-    sections = [("peak", peak(root)), ("trainer scaling", trainer(root)), ("loop scaling", loop(root)),
-                ("breakdown n=2", breakdown(root, 2)), ("validation", validation(root)),
-                ("validation calibrated on 2 ranks", validation(root, "validation_cal2.json")), ("sweep", sweep(root)),
-                ("model qwen3-4b math", model(root, "model_qwen3_4b_math.json")),
-                ("model r1-14b code", model(root, "model_r1_14b_code.json"))]
-    for title, lines in sections:
+    args = sys.argv[1:]
+    root = Path(args[0] if args and not args[0].startswith("--") else "docs/results/profile")
+    secs = sections(root)
+    if "--fill" in args:
+        fill(Path(args[args.index("--fill") + 1]), dict(secs))
+        return
+    for title, lines in secs:
         print(f"### {title}\n")
         print("\n".join(lines) if lines else "(no data)")
         print()
