@@ -63,3 +63,26 @@ def test_peak_two_ranks(tmp_path, capsys):
         factor = 1.0 if c["op"] == "broadcast" else 1.0  # 2·(n−1)/n = 1 at n = 2
         assert c["bus_bytes_per_s"] == pytest.approx(factor * c["bytes"] / c["time_s"])
     assert "peak per rank" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_gpu_peak_and_nvtx_phases():
+    """On a GPU: the bf16 GEMM peak is a GPU-class number and phases time synchronised CUDA work under NVTX ranges."""
+    import torch
+
+    from oapl_megatron.profile.peak import gemm_peak
+    from oapl_megatron.profile.timers import PhaseTimer
+
+    dev = torch.device("cuda")
+    peaks = gemm_peak(dev, torch.bfloat16, [4096], min_time_s=0.2)
+    assert peaks[4096] > 50e12  # any data-centre GPU of the last years; H100 ≈ 600–800 TFLOP/s measured
+    t = PhaseTimer(nvtx=True)
+    assert t.nvtx and t.cuda_sync
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    t.begin_step()
+    with t.phase("trainer_fwd_bwd"):
+        for _ in range(10):
+            a @ a
+    out = t.end_step()
+    # the phase waited for the kernels: 10 · 2 · 8192³ FLOPs take ≥ 10.9 TFLOP / peak seconds
+    assert out["time/trainer_fwd_bwd_s"] >= 10 * 2 * 8192**3 / (1.2 * peaks[4096])
