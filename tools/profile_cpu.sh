@@ -32,6 +32,20 @@ if run loop; then
     --override model.hf_path=runs/profile_demo_model parallel.tp=1 train.steps=12 eval.every=0 \
                checkpoint.save_on_exit=false logging.tensorboard=false
 fi
+if run paired; then
+  # trainer-only and whole-loop measurement at each world size back to back, so that both see the same load
+  # (on a shared machine the load drifts within minutes); validate-paired compares them
+  [[ -f runs/profile_demo_model/config.json ]] || $PY tools/profile_demo_model.py runs/profile_demo_model
+  for n in 1 2 4; do
+    $P scaling --model demo --ranks $n --kinds strong --strong-seqs 256 --seqs-per-rank 64 --prompt-len 10 \
+      --response-len 26 --response-jitter 12 --mbs 64 --steps 4 --out "$OUT/paired/trainer_n$n"
+    $P scaling --loop configs/demo.yaml --ranks $n --out "$OUT/paired/loop_n$n" \
+      --override model.hf_path=runs/profile_demo_model parallel.tp=1 train.steps=12 eval.every=0 \
+                 checkpoint.save_on_exit=false logging.tensorboard=false
+  done
+  $P validate --trainer "$OUT"/paired/trainer_n{1,2,4}/scaling.json --loop "$OUT"/paired/loop_n{1,2,4}/scaling.json \
+    --calibrate-on 0 --out "$OUT/validation_paired.json"
+fi
 if run validate; then
   $P validate --trainer "$OUT/trainer_scaling_demo/scaling.json" --loop "$OUT/loop_scaling_demo/scaling.json" \
     --out "$OUT/validation.json"

@@ -89,7 +89,8 @@ def cmd_scaling(args) -> None:
     else:
         res["trainer"] = scaling.trainer_scaling(args.model, args.ranks, out, args.seqs_per_rank, args.prompt_len,
                                                  args.response_len, args.mbs, args.steps, args.warmup, args.family,
-                                                 _peak_from(args), args.timeout_s, args.response_jitter)
+                                                 _peak_from(args), args.timeout_s, args.response_jitter,
+                                                 tuple(args.kinds), args.strong_seqs)
     scaling.write(res, out)
     print(scaling.format_scaling(res))
 
@@ -130,7 +131,8 @@ def cmd_model(args) -> None:
 def cmd_validate(args) -> None:
     from oapl_megatron.profile.validate import format_validation, validate
 
-    res = validate(Path(args.trainer), Path(args.loop), args.cores, calibrate_on=args.calibrate_on)
+    res = validate([Path(p) for p in args.trainer], [Path(p) for p in args.loop], args.cores,
+                   calibrate_on=args.calibrate_on)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(format_validation(res))
@@ -189,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--mbs", type=int, default=4)
     p.add_argument("--family", choices=["dp", "tp", "pp"], default="dp")
+    p.add_argument("--kinds", nargs="+", choices=["strong", "weak"], default=["strong", "weak"])
+    p.add_argument("--strong-seqs", type=int, help="global batch of strong scaling (default per-rank × max ranks)")
     p.add_argument("--loop", help="an oapl-train config: scale the whole loop instead of the trainer")
     p.add_argument("--override", nargs="*", default=[], help="dotted overrides for --loop runs")
     p.add_argument("--out", default="runs/profile/scaling")
@@ -213,10 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_model)
 
     p = sub.add_parser("validate", help="cost model predicted vs measured loop step times on this machine")
-    p.add_argument("--trainer", required=True, help="scaling.json of `oapl-profile scaling` (trainer)")
-    p.add_argument("--loop", required=True, help="scaling.json of `oapl-profile scaling --loop`")
+    p.add_argument("--trainer", required=True, nargs="+",
+                   help="scaling.json of `oapl-profile scaling` (trainer); several are merged (paired runs)")
+    p.add_argument("--loop", required=True, nargs="+", help="scaling.json of `oapl-profile scaling --loop`; merged")
     p.add_argument("--cores", type=float, default=None, help="processors the loop shares (default: os.cpu_count())")
-    p.add_argument("--calibrate-on", type=int, default=1, help="loop world size whose engine rate and sync calibrate")
+    p.add_argument("--calibrate-on", type=int, default=1,
+                   help="loop world size whose engine rate and sync calibrate; 0 = each run's own (only the trainer "
+                        "time is predicted)")
     p.add_argument("--out", default="runs/profile/validation.json")
     p.set_defaults(fn=cmd_validate)
     return ap

@@ -34,11 +34,13 @@ def _layout_for(family: str, world: int) -> str:
 
 def trainer_scaling(model: str, worlds: list[int], out: Path, seqs_per_rank: int, prompt_len: int,
                     response_len: int, mbs: int, steps: int, warmup: int, family: str = "dp",
-                    peak_flops: float | None = None, timeout_s: float = 900, response_jitter: int = 0) -> dict:
+                    peak_flops: float | None = None, timeout_s: float = 900, response_jitter: int = 0,
+                    kinds: tuple[str, ...] = ("strong", "weak"), strong_seqs: int | None = None) -> dict:
+    """``strong_seqs``: the fixed global batch of strong scaling (default seqs_per_rank × the largest world)."""
     rows = []
-    for kind in ("strong", "weak"):
+    for kind in kinds:
         for n in worlds:
-            seqs = seqs_per_rank * (n if kind == "weak" else max(worlds))
+            seqs = seqs_per_rank * n if kind == "weak" else (strong_seqs or seqs_per_rank * max(worlds))
             layout = _layout_for(family, n).format(m=mbs)
             args = ["--model", model, "--layouts", layout, "--seqs", str(seqs), "--prompt-len", str(prompt_len),
                     "--response-len", str(response_len), "--steps", str(steps), "--warmup", str(warmup),
@@ -53,7 +55,7 @@ def trainer_scaling(model: str, worlds: list[int], out: Path, seqs_per_rank: int
                          "fwd_bwd_s": row["fwd_bwd_s"], "optimizer_s": row["optimizer_s"],
                          "tokens_per_s": row["tokens_per_s"], "mfu": row["mfu"],
                          "peak_mem_mb": max(row["peak_mem_bytes_per_rank"]) / 2**20})
-    for kind in ("strong", "weak"):
+    for kind in kinds:
         sub = [r for r in rows if r["kind"] == kind]
         base = next(r for r in sub if r["ranks"] == min(worlds))
         for r in sub:

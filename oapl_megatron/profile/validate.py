@@ -26,18 +26,22 @@ from pathlib import Path
 from oapl_megatron.profile import costmodel as cm
 
 
-def validate(trainer_json: Path, loop_json: Path, cores: float | None = None, calibrate_on: int = 1) -> dict:
-    trainer = json.loads(Path(trainer_json).read_text())["trainer"]
-    loop = json.loads(Path(loop_json).read_text())["loop"]
-    strong = {r["ranks"]: r["tokens_per_s"] for r in trainer["rows"] if r["kind"] == "strong"}
-    calib = next((r for r in loop["rows"] if r["ranks"] == calibrate_on), None)
-    if calib is None:
+def validate(trainer_json: list[Path], loop_json: list[Path], cores: float | None = None,
+             calibrate_on: int = 1) -> dict:
+    """Several files are merged (e.g. one trainer and one loop measurement per world size, taken back to back)."""
+    strong = {r["ranks"]: r["tokens_per_s"] for p in trainer_json
+              for r in json.loads(Path(p).read_text())["trainer"]["rows"] if r["kind"] == "strong"}
+    loop = {"rows": sorted((r for p in loop_json for r in json.loads(Path(p).read_text())["loop"]["rows"]),
+                           key=lambda r: r["ranks"])}
+    fixed = next((r for r in loop["rows"] if r["ranks"] == calibrate_on), None)
+    if calibrate_on and fixed is None:
         raise ValueError(f"--calibrate-on {calibrate_on}: no loop run at that world size in {loop_json}")
     cores = cores or float(os.cpu_count() or 1)
-    rates = cm.MeasuredRates(train_tokens_per_s=strong, gen_tokens_per_s=calib["engine_tokens_per_s"],
-                             sync_s=calib["sync_s"], cores=cores)
     rows = []
     for r in loop["rows"]:
+        calib = fixed or r  # calibrate_on=0: each run's own engine rate, sync and overhead; only the trainer predicted
+        rates = cm.MeasuredRates(train_tokens_per_s=strong, gen_tokens_per_s=calib["engine_tokens_per_s"],
+                                 sync_s=calib["sync_s"], cores=cores)
         c = cm.measured_components(rates, r["ranks"], r["train_tokens_per_step"], r["response_tokens_per_step"])
         # the per-step overhead sits on the trainer's serial path
         c = cm.Components(c.train_s + calib["overhead_s"], c.gen_s, c.sync_s, c.cores, c.train_cores, c.gen_cores)
@@ -51,18 +55,20 @@ def validate(trainer_json: Path, loop_json: Path, cores: float | None = None, ca
                      "own_bound": own.bound, "own_predicted_engine_idle": own.engine_idle_fraction,
                      "measured_engine_idle": r["engine_idle_fraction"], "predicted_engine_idle":
                          p.engine_idle_fraction, "predicted_train_s": c.train_s, "predicted_gen_s": c.gen_s,
-                     "measured_train_s": r["train_s"], "calibration_point": r["ranks"] == calibrate_on})
-    return {"cores": cores, "calibrate_on": calibrate_on, "rates": {"train_tokens_per_s": strong,
-            "gen_tokens_per_s": rates.gen_tokens_per_s, "sync_s": rates.sync_s, "overhead_s": calib["overhead_s"]},
-            "rows": rows}
+                     "measured_train_s": r["train_s"], "calibration_point": r["ranks"] == calibrate_on,
+                     "gen_tokens_per_s": rates.gen_tokens_per_s, "sync_s": rates.sync_s,
+                     "overhead_s": calib["overhead_s"]})
+    return {"cores": cores, "calibrate_on": calibrate_on, "rates": {"train_tokens_per_s": strong}, "rows": rows}
 
 
 def format_validation(res: dict) -> str:
     r0 = res["rates"]
+    src = f"the loop run at {res['calibrate_on']} rank(s)" if res["calibrate_on"] else "each loop run itself"
+    e = res["rows"][0]
     lines = [f"calibration: trainer tokens/s by ranks {({k: round(v, 1) for k, v in r0['train_tokens_per_s'].items()})}"
-             f" (trainer-only scaling); engine {r0['gen_tokens_per_s']:.1f} tokens/s, sync {r0['sync_s']:.3f} s, "
-             f"overhead {r0['overhead_s']:.3f} s/step (loop run at {res['calibrate_on']} rank(s)); {res['cores']:g} "
-             "shared cores",
+             f" (trainer-only scaling); engine tokens/s, sync and per-step overhead from {src} (first row: "
+             f"{e['gen_tokens_per_s']:.1f} tokens/s, {e['sync_s']:.3f} s, {e['overhead_s']:.3f} s); "
+             f"{res['cores']:g} shared cores",
              f"{'ranks':>5} {'measured s':>10} {'predicted s':>11} {'error':>7} {'bound':>8} {'idle meas':>9} "
              f"{'idle pred':>9} {'own-comp s':>10} {'error':>7} {'bound':>8}"]
     for r in res["rows"]:
