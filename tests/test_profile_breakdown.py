@@ -81,7 +81,7 @@ def test_oapl_profile_run_reads_the_breakdown(run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_trace_written_for_the_configured_steps(run):
-    trace = json.loads((run / "traces" / "rank0.json").read_text())
+    trace = json.loads((run / "traces" / "rank0.pt.trace.json").read_text())
     names = {e.get("name", "") for e in trace["traceEvents"]}
     # the trainer's matmuls ran inside the traced steps
     assert any("mm" in n for n in names), sorted(names)[:20]

@@ -84,8 +84,8 @@ class StepTracer:
     """``profile.steps=[a, b]``: a torch.profiler trace of optimizer steps a..b on this rank.
 
     Call ``before_step(step)`` at the top of every step and ``after_step(step)`` at its end; the trace is written
-    when step b ends (Chrome JSON ``rank{R}.json`` under ``out_dir``, openable in Perfetto / chrome://tracing, and
-    TensorBoard's profiler plugin reads the same directory)."""
+    when step b ends: Chrome trace JSON ``rank{R}.pt.trace.json`` under ``out_dir`` — Perfetto / chrome://tracing open
+    it, and TensorBoard's PyTorch profiler plugin (torch-tb-profiler) finds it by its ``.pt.trace.json`` suffix."""
 
     def __init__(self, steps: list[int] | None, out_dir, rank: int, record_shapes: bool = False):
         self.first, self.last = (steps[0], steps[1]) if steps else (None, None)
@@ -110,7 +110,7 @@ class StepTracer:
         self._prof.__exit__(None, None, None)
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"rank{self.rank}.json"
+        path = out / f"rank{self.rank}.pt.trace.json"
         self._prof.export_chrome_trace(str(path))
         self._prof = None
         self.written = str(path)
