@@ -131,7 +131,8 @@ def model(root: Path, name: str) -> list[str]:
 def sections(root: Path) -> list[tuple[str, list[str]]]:
     return [("peak", peak(root)), ("trainer scaling", trainer(root)), ("loop scaling", loop(root)),
             ("breakdown n=2", breakdown(root, 2)), ("validation", validation(root)),
-            ("validation calibrated on 2 ranks", validation(root, "validation_cal2.json")), ("sweep", sweep(root)),
+            ("validation calibrated on 2 ranks", validation(root, "validation_cal2.json")),
+            ("validation paired", validation(root, "validation_paired.json")), ("sweep", sweep(root)),
             ("model qwen3-4b math", model(root, "model_qwen3_4b_math.json")),
             ("model r1-14b code", model(root, "model_r1_14b_code.json"))]
 
