@@ -112,9 +112,9 @@ def format_scaling(res: dict) -> str:
     lines = []
     if "trainer" in res:
         t = res["trainer"]
+        strong = sorted({r["seqs"] for r in t["rows"] if r["kind"] == "strong"})
         lines.append(f"trainer scaling: model {t['model']}, layout family {t['family']}, {t['seqs_per_rank']} seqs per "
-                     f"rank (weak) / {t['seqs_per_rank']} × max ranks (strong), "
-                     f"{t['prompt_len']}+{t['response_len']} tokens")
+                     f"rank (weak) / {strong} seqs (strong), {t['prompt_len']}+{t['response_len']} tokens")
         lines.append(f"{'kind':>6} {'ranks':>5} {'seqs':>5} {'step s':>8} {'tokens/s':>9} {'efficiency':>10} "
                      f"{'peak MB':>8}")
         for r in t["rows"]:
