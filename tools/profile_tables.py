@@ -50,8 +50,18 @@ def trainer(root: Path) -> list[str]:
     return out
 
 
-def loop(root: Path) -> list[str]:
-    r = _load(root / "loop_scaling_demo" / "scaling.json")
+def loop(root: Path, paired: bool = False) -> list[str]:
+    if paired:  # one file per world size (tools/profile_cpu.sh paired); efficiencies against the 1-rank run
+        parts = [_load(root / "paired" / f"loop_n{n}" / "scaling.json") for n in (1, 2, 4)]
+        if not all(parts):
+            return []
+        rows = [p["loop"]["rows"][0] for p in parts]
+        for x in rows:
+            x["efficiency"] = rows[0]["step_s"] * rows[0]["ranks"] / (x["step_s"] * x["ranks"])
+            x["speedup"] = rows[0]["step_s"] / x["step_s"]
+        r = {"loop": {"rows": rows}}
+    else:
+        r = _load(root / "loop_scaling_demo" / "scaling.json")
     if not r:
         return []
     out = ["| trainer ranks | step s | trainer s | wait for data s | sync s | sync / L s | trainer tokens/s | "
@@ -129,7 +139,7 @@ def model(root: Path, name: str) -> list[str]:
 
 
 def sections(root: Path) -> list[tuple[str, list[str]]]:
-    return [("peak", peak(root)), ("trainer scaling", trainer(root)), ("loop scaling", loop(root)),
+    return [("peak", peak(root)), ("trainer scaling", trainer(root)), ("loop scaling", loop(root)), ("loop scaling paired", loop(root, paired=True)),
             ("breakdown n=2", breakdown(root, 2)), ("validation", validation(root)),
             ("validation calibrated on 2 ranks", validation(root, "validation_cal2.json")),
             ("validation paired", validation(root, "validation_paired.json")), ("sweep", sweep(root)),
@@ -147,7 +157,8 @@ def fill(doc: Path, tables: dict[str, list[str]]) -> None:
         body = "\n".join(tables[name]) if tables[name] else "(no data)"
         return f"<!-- table:{name} -->\n{body}\n<!-- /table -->"
 
-    text = re.sub(r"<!-- table:([^>]+?) -->(?:\n.*?<!-- /table -->)?", sub, text, flags=re.S)
+    # a marker owns only the table lines right after it (so a new marker never swallows the text below it)
+    text = re.sub(r"<!-- table:([^>]+?) -->(?:\n(?:(?:\||\(no data\))[^\n]*\n)*<!-- /table -->)?", sub, text)
     doc.write_text(text)
 
 
