@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every measurement behind docs/scaling.md, on this machine (CPU, gloo). Run from the repository root with the venv
 # active (or PY=.venv/bin/python). Writes JSON/PNG under OUT (default docs/results/profile) and prints the tables.
-# Stages can be run alone: tools/profile_cpu.sh peak|sweep|trainer|loop|validate|model|breakdown
+# Stages can be run alone: tools/profile_cpu.sh peak|sweep|trainer|loop|paired|validate|model
 set -euo pipefail
 PY=${PY:-python}
 OUT=${OUT:-docs/results/profile}
