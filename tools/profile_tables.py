@@ -24,7 +24,8 @@ def _pct(x) -> str:
 
 
 def peak(root: Path) -> list[str]:
-    out = ["| ranks | GEMM peak per rank (fp32) | all-reduce 16 MiB bus GB/s | broadcast 16 MiB GB/s |", "|---|---|---|---|"]
+    out = ["| ranks | GEMM peak per rank (fp32) | all-reduce 16 MiB bus GB/s | broadcast 16 MiB GB/s |",
+           "|---|---|---|---|"]
     for n in (1, 2):
         r = _load(root / f"peak_r{n}" / "result.json")
         if not r:
@@ -100,7 +101,8 @@ def validation(root: Path, name: str = "validation.json") -> list[str]:
         cal = " (calibration run)" if x["calibration_point"] else ""
         out.append(f"| {x['ranks']}{cal} | {x['measured_step_s']:.3f} | {x['predicted_step_s']:.3f} | "
                    f"{100 * x['error']:+.1f} % | {x['bound']} | {x['measured_engine_idle']:.2f} | "
-                   f"{x['predicted_engine_idle']:.2f} | {x['own_predicted_step_s']:.3f} | {100 * x['own_error']:+.1f} % "
+                   f"{x['predicted_engine_idle']:.2f} | {x['own_predicted_step_s']:.3f} | "
+                   f"{100 * x['own_error']:+.1f} % "
                    f"| {x['own_bound']} |")
     return out
 
@@ -139,7 +141,8 @@ def model(root: Path, name: str) -> list[str]:
 
 
 def sections(root: Path) -> list[tuple[str, list[str]]]:
-    return [("peak", peak(root)), ("trainer scaling", trainer(root)), ("loop scaling", loop(root)), ("loop scaling paired", loop(root, paired=True)),
+    return [("peak", peak(root)), ("trainer scaling", trainer(root)), ("loop scaling", loop(root)),
+            ("loop scaling paired", loop(root, paired=True)),
             ("breakdown n=2", breakdown(root, 2)), ("validation", validation(root)),
             ("validation calibrated on 2 ranks", validation(root, "validation_cal2.json")),
             ("validation paired", validation(root, "validation_paired.json")), ("sweep", sweep(root)),

@@ -26,7 +26,7 @@ GPU roofline (:func:`gpu_components`), all per optimizer step:
 - trainer: model FLOPs (:mod:`oapl_megatron.profile.flops`) / (N · peak · MFU(tokens per GPU)) · (1 + pipeline
   bubble (pp−1)/micro-batches) + the exposed DP gradient reduce-scatter/all-gather (ring, 2·(dp−1)/dp · fp32 grads
   of a model-parallel shard / link bandwidth) + the optimizer (Adam reads/writes 32 bytes per parameter of its
-  shard through HBM). MFU(x) = mfu_max · x / (x + mfu_half_tokens), x = tokens per GPU per step: small batches
+  shard through HBM). MFU(x) = mfu_max · x / (x + mfu_half_tokens), x = tokens per DP replica per step: small batches
   per GPU under-fill the device — the effect that bends strong scaling.
 - engines: decoding is memory-bound: every decode iteration reads the weights and the batch's KV cache, so an
   iteration costs max((weights + B·KV(avg context)) / (tp_e · HBM · gen_mem_eff), B·decode FLOPs / (tp_e · peak ·
@@ -162,7 +162,7 @@ def trainer_step_s(w: Workload, cl: Cluster, eff: Efficiency) -> dict:
     samples = w.prompts_per_step * w.samples_per_prompt
     tokens = samples * seq
     flops = train_flops(a, [seq]) * samples
-    per_gpu_tokens = tokens / (cl.dp * 1.0)  # a TP/PP group shares one DP replica's tokens
+    per_gpu_tokens = tokens / cl.dp  # tokens per DP replica (its TP/PP group works on them together)
     mfu = eff.mfu_max * per_gpu_tokens / (per_gpu_tokens + eff.mfu_half_tokens)
     compute = flops / (n * g.peak_flops[cl.dtype] * mfu)
     micro_batches = max(1.0, tokens / cl.dp / w.micro_batch_tokens)
@@ -178,7 +178,8 @@ def trainer_step_s(w: Workload, cl: Cluster, eff: Efficiency) -> dict:
     if state_bytes > eff.train_mem_fraction * g.hbm_bytes:
         raise ValueError(f"trainer state {state_bytes / 1e9:.0f} GB per GPU does not fit {g.name} "
                          f"(tp={cl.tp}, pp={cl.pp}, dp={cl.dp})")
-    return {"train_s": total, "state_gb_per_gpu": state_bytes / 1e9, "compute_s": compute, "bubble_fraction": bubble, "dp_comm_s": dp_comm,
+    return {"train_s": total, "state_gb_per_gpu": state_bytes / 1e9, "compute_s": compute, "bubble_fraction": bubble,
+            "dp_comm_s": dp_comm,
             "optimizer_s": optim, "mfu_assumed": mfu, "model_flops": flops, "tokens": tokens,
             "achieved_mfu": flops / total / (n * g.peak_flops[cl.dtype])}
 

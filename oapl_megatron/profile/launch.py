@@ -33,7 +33,8 @@ def run_workers(module: str, nproc: int, out_dir: Path, args: list[str], timeout
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
         tail = (e.stdout or b"")[-3000:] if isinstance(e.stdout, bytes) else (e.stdout or "")[-3000:]
-        raise WorkerError(f"{module} on {nproc} ranks timed out after {timeout_s:.0f} s; output tail:\n{tail}") from None
+        raise WorkerError(f"{module} on {nproc} ranks timed out after {timeout_s:.0f} s; output tail:\n{tail}") \
+            from None
     if proc.returncode != 0:
         raise WorkerError(f"{module} on {nproc} ranks exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}"
                           f"\n--- stderr ---\n{proc.stderr[-3000:]}")
