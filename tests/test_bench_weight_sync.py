@@ -17,7 +17,7 @@ def test_bench_weight_sync_runs_every_method_and_writes_json(tmp_path):
     assert json.loads(out.read_text())["model"] == result["model"]
     assert result["model"]["tensors"] == 2 * 11 + 3
     methods = set(result["median_s"])
-    assert {"flat", "per_tensor", "per_tensor_rpc", "bucketed@1", "bucketed+crc32@1", "chunked@1", "flat+copy"} <= methods
+    assert {"flat", "per_tensor", "per_tensor_rpc", "bucketed@1", "bucketed-bounded@1", "bucketed+crc32@1", "chunked@1", "flat+copy"} <= methods
     assert all(t > 0 for t in result["median_s"].values())
     # every process reported its CPU time for every method
     assert set(result["cpu_s_all_processes_median"]) == methods

@@ -55,7 +55,7 @@ def _megatron_logits(chunk, ids):
 @pytest.mark.parametrize("family", list(hf_tiny.FAMILIES))
 def test_tp1_load_gather_and_logits(ctx, family):
     from oapl_megatron.models.hf_config import arch_from_hf
-    from oapl_megatron.models.hf_io import iter_hf_weights, load_hf_weights
+    from oapl_megatron.models.hf_io import gather_hf_weights, iter_hf_weights, load_hf_weights
 
     model = hf_tiny.make_model(family)
     arch = arch_from_hf(model.config)
@@ -69,6 +69,11 @@ def test_tp1_load_gather_and_logits(ctx, family):
         assert torch.equal(back[n], t), n
     untied_view = dict(iter_hf_weights(chunks, ctx, arch, include_tied_lm_head=False))
     assert ("lm_head.weight" in untied_view) == (not arch.tie_word_embeddings)
+    # the metadata announced before any tensor is gathered is exactly what the gather yields (names, order,
+    # dtypes, shapes): a weight sync plans its buckets from it and streams
+    for tied_head in (True, False):
+        metas, tensors = gather_hf_weights(chunks, ctx, arch, include_tied_lm_head=tied_head)
+        assert metas == [(n, t.dtype, tuple(t.shape)) for n, t in tensors]
     # Wrapped chunks (megatron DDP / Float16Module expose .module) and a custom tensor per parameter (the lead's
     # gradient-parity test gathers p.main_grad this way).
     wrapped = [_Wrapper(_Wrapper(c)) for c in chunks]
@@ -133,8 +138,10 @@ def test_tp2pp2_and_vpp_load_gather_logits(tmp_path):
             for dst in dsts:
                 key = f"{layout}/{family}/dst{dst}"
                 check = ranks[dst]["checks"][key]
-                assert check["names_equal"] and check["bit_equal"], (key, check)
+                assert check["names_equal"] and check["bit_equal"] and check["metas_match"], (key, check)
                 assert all(ranks[r]["checks"][key] == {"yielded": 0} for r in range(4) if r != dst), key
+            if layout == "tp2pp2":
+                assert ranks[0]["checks"][f"export/{family}"]["bit_equal"], family
             saved = torch.load(out / f"logits_{layout}_{family}.pt")
             ref = hf_tiny.hf_logits(model, saved["ids"])
             err = (saved["logits"][..., :101] - ref).abs().max()

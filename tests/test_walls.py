@@ -25,6 +25,8 @@ FORBIDDEN = {
              "torch.distributed"),
     "models": ("oapl_megatron.rollout", "oapl_megatron.orchestrator", "oapl_megatron.tasks", "vllm"),
     "weight_sync": ("oapl_megatron.trainer", "oapl_megatron.orchestrator", "oapl_megatron.tasks", "megatron"),
+    "launch": ("oapl_megatron.trainer", "oapl_megatron.rollout", "oapl_megatron.orchestrator", "oapl_megatron.models",
+               "oapl_megatron.weight_sync", "megatron", "vllm"),
     "config": ("oapl_megatron.trainer", "oapl_megatron.rollout", "oapl_megatron.orchestrator", "oapl_megatron.models",
                "oapl_megatron.weight_sync", "oapl_megatron.parallel", "oapl_megatron.tasks", "torch", "megatron",
                "vllm"),

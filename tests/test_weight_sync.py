@@ -7,6 +7,7 @@ plus bf16/int extras. The engine-level tests (vLLM) are in ``test_engine.py``.
 import multiprocessing as mp
 import time
 import traceback
+import weakref
 
 import pytest
 import torch
@@ -42,22 +43,41 @@ def _equal(want, wire):
     return dtype == str(t.dtype) and shape == tuple(t.shape) and data == t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _receiver(port, rank, world, meta, timeout_s, die, q):
+def _receiver(port, rank, world, meta, timeout_s, die, q, in_flight=None):
     torch.set_num_threads(1)
     try:
         group = WeightGroup.join("127.0.0.1", port, rank, world, "gloo", timeout_s)
         if die:
             import os
             os._exit(3)  # a receiver that vanishes after joining
-        staged, stats = receive_weights(make_receiver(group), meta)
-        q.put((rank, "ok", [(n, _to_wire(t)) for n, t in staged]))
+        staged, stats = receive_weights(make_receiver(group), meta, buckets_in_flight=in_flight)
+        q.put((rank, "ok", [(n, _to_wire(t)) for n, t in staged] + [("device_buffers", stats.device_buffers)]))
     except IntegrityError as e:
         q.put((rank, "integrity", str(e)))
     except Exception as e:
         q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
-def _run(n_receivers, bucket_bytes, corrupt=None, die_rank=None, timeout_s=30.0):
+class _LiveCounter:
+    """Yields clones of ``items`` and records the most clones alive at once (what the sender holds)."""
+
+    def __init__(self, items):
+        self.items, self.live, self.max_live = items, 0, 0
+
+    def _gone(self):
+        self.live -= 1
+
+    def __iter__(self):
+        for n, t in self.items:
+            c = t.clone()
+            self.live += 1
+            weakref.finalize(c, self._gone)
+            self.max_live = max(self.max_live, self.live)
+            yield n, c
+            del c
+
+
+def _run(n_receivers, bucket_bytes, corrupt=None, die_rank=None, timeout_s=30.0, in_flight=None, stream=None):
     items = _source()
     metas = [TensorMeta.of(n, t) for n, t in items]
     plan = plan_buckets(metas, bucket_bytes)
@@ -68,7 +88,7 @@ def _run(n_receivers, bucket_bytes, corrupt=None, die_rank=None, timeout_s=30.0)
     # fork: receivers need no fresh imports (spawned children take 5-30 s to import torch on a loaded 2-core box)
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_receiver, args=(store.port, r, world, meta, timeout_s, r == die_rank, q))
+    procs = [ctx.Process(target=_receiver, args=(store.port, r, world, meta, timeout_s, r == die_rank, q, in_flight))
              for r in range(1, world)]
     for p in procs:
         p.start()
@@ -76,7 +96,8 @@ def _run(n_receivers, bucket_bytes, corrupt=None, die_rank=None, timeout_s=30.0)
         group = WeightGroup.join("127.0.0.1", store.port, 0, world, "gloo", timeout_s, store=store)
         err = stats = None
         try:
-            stats = send_weights(make_sender(group), plan, iter(items), "crc32", corrupt_bucket=corrupt)
+            source = stream if stream is not None else iter(items)
+            stats = send_weights(make_sender(group), plan, source, "crc32", corrupt_bucket=corrupt)
         except TransportError as e:
             err = e
         results = {}
@@ -91,9 +112,16 @@ def _run(n_receivers, bucket_bytes, corrupt=None, die_rank=None, timeout_s=30.0)
                 p.kill()
 
 
-def test_round_trip_two_receivers_many_buckets():
-    items, plan, results, err, stats = _run(2, bucket_bytes=4096)
+@pytest.mark.parametrize("in_flight", [None, 2])
+def test_round_trip_two_receivers_many_buckets(in_flight):
+    """Direct receive (every bucket into its staging slot) and bounded receive (2 bucket buffers on the group's
+    device, each copied into the staging buffer after its checksum). The sender streams: it holds a few of the
+    yielded tensors at a time, not the model."""
+    counter = _LiveCounter(_source())
+    items, plan, results, err, stats = _run(2, bucket_bytes=4096, in_flight=in_flight, stream=iter(counter))
     assert err is None
+    # the tensors of the bucket being packed and of the two buckets on the wire (zero-copy views keep theirs)
+    assert counter.max_live <= 4 < len(items) / 4, (counter.max_live, len(items))
     assert len(plan.buckets) > 20  # small buckets: tensors are split across many of them
     # buckets that hold one slice of one tensor (the embedding's middle) go out without a packing copy
     single = [b for b in plan.buckets if len(b.slices) == 1 and b.slices[0].dst_offset == 0]
@@ -101,16 +129,17 @@ def test_round_trip_two_receivers_many_buckets():
     for rank in (1, 2):
         kind, staged = results[rank]
         assert kind == "ok", staged
+        assert staged.pop() == ("device_buffers", 0 if in_flight is None else in_flight)
         assert [n for n, _ in staged] == [n for n, _ in items]
         for (n, want), (_, got) in zip(items, staged):
             assert _equal(want, got), (rank, n)
 
 
-@pytest.mark.parametrize("corrupt", [5, 30])
-def test_corrupted_bucket_is_detected_on_every_receiver(corrupt):
+@pytest.mark.parametrize("corrupt,in_flight", [(5, None), (30, None), (30, 3)])
+def test_corrupted_bucket_is_detected_on_every_receiver(corrupt, in_flight):
     # bucket 5 is a middle slice of the embedding (sent zero-copy unless corrupted), bucket 30 packs 4 tensors
     pristine = [(n, t.clone()) for n, t in _source()]
-    items, plan, results, err, _ = _run(2, bucket_bytes=4096, corrupt=corrupt)
+    items, plan, results, err, _ = _run(2, bucket_bytes=4096, corrupt=corrupt, in_flight=in_flight)
     assert err is None
     assert (len(plan.buckets[corrupt].slices) == 1) == (corrupt == 5)
     for rank in (1, 2):
@@ -173,7 +202,7 @@ def _nccl_receiver(port, meta, q):
     try:
         torch.cuda.set_device(1)
         group = WeightGroup.join("127.0.0.1", port, 1, 2, "nccl", 60)
-        staged, _ = receive_weights(make_receiver(group), meta, device=group.device)
+        staged, _ = receive_weights(make_receiver(group), meta, staging_device="cpu", buckets_in_flight=2)
         q.put(("ok", [(n, _to_wire(t)) for n, t in staged]))
     except Exception as e:
         q.put(("error", f"{type(e).__name__}: {e}"))

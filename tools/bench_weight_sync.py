@@ -17,7 +17,9 @@ N receiver processes (default 2) join a gloo group over loopback. Every method m
                   buckets (double-buffered), broadcast each into the receivers' flat staging buffer, take the
                   tensors as views; for every size in ``--bucket-mb``; for the first size also with per-bucket
                   CRC-32 checksums (``bucketed+crc32@MB``) and with a fresh staging buffer per sync instead of the
-                  kept one (``bucketed-fresh@MB``: what a GPU receiver does to save memory).
+                  kept one (``bucketed-fresh@MB``), and with two bucket buffers in flight whose contents are copied
+                  into the staging buffer (``bucketed-bounded@MB``: the receive path of a GPU engine's host staging,
+                  without the device→host copy).
 
 Two more rows bound where the bucketed sync's extra time goes (neither is a sync: no tensor is delivered):
 
@@ -91,6 +93,7 @@ LABELS = {
     "per_tensor_rpc": "one RPC per tensor (pickled over the control plane, acked)",
     "bucketed": "bucketed sync (send_weights/receive_weights)",
     "bucketed-fresh": "bucketed sync, fresh staging buffer per sync",
+    "bucketed-bounded": "bucketed sync, 2 bucket buffers in flight, copied into staging (GPU host staging)",
     "bucketed+crc32": "bucketed sync with per-bucket CRC-32",
     "chunked": "bound: the flat buffer in bucket-sized broadcasts, all posted at once (no packing)",
     "flat+copy": "bound: one flat broadcast while the sender copies every tensor (packing with perfect overlap)",
@@ -162,7 +165,9 @@ def run_trial(group, rank: int, method: str, metas, tensors, flat: torch.Tensor,
         else:
             keep = kind != "bucketed-fresh"  # fresh: a new staging buffer (page faults) on every sync
             receiver = _RECEIVERS.setdefault((id(group), keep), make_receiver(group, keep_staging=keep))
-            staged, _ = receive_weights(receiver, meta)
+            # bounded: 2 bucket buffers, each copied into the staging buffer (a GPU receiver's host staging)
+            staged, _ = receive_weights(receiver, meta,
+                                        buckets_in_flight=2 if kind == "bucketed-bounded" else None)
             del staged
     group.pg.barrier().wait()
 
@@ -232,7 +237,8 @@ def main(argv=None) -> dict:
     sizes = [int(x) for x in args.bucket_mb.split(",")]
     bucket_bytes = sizes[0] * 2**20
     methods = (["flat", "per_tensor", "per_tensor_pipelined", "per_tensor_rpc"] + [f"bucketed@{mb}" for mb in sizes]
-               + [f"bucketed-fresh@{sizes[0]}", f"bucketed+crc32@{sizes[0]}", f"chunked@{sizes[0]}", "flat+copy"])
+               + [f"bucketed-fresh@{sizes[0]}", f"bucketed-bounded@{sizes[0]}", f"bucketed+crc32@{sizes[0]}",
+                  f"chunked@{sizes[0]}", "flat+copy"])
     world = 1 + args.receivers
     store = open_rendezvous("127.0.0.1", 0, world, args.timeout_s)
     # control plane for per_tensor_rpc: authenticated multiprocessing.connection links, one per receiver

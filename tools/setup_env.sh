@@ -36,6 +36,17 @@ if [ "$EXTRA" = cpu ]; then
     pip_quiet install -q -e ".[cpu,dev]"
     $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 else
+    # Order matters (see the `gpu` extra in pyproject.toml): vLLM's torch first; Transformer Engine's torch
+    # extension then compiles against it (no build isolation, which would build against the newest torch); it
+    # needs the CUDA toolkit's nvcc.
+    if ! command -v nvcc >/dev/null 2>&1 && [ ! -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+        echo "[setup] the gpu extra builds Transformer Engine and needs a CUDA toolkit (nvcc); install it or set" \
+             "CUDA_HOME (or run with OAPL_EXTRA=cpu)" >&2
+        exit 1
+    fi
+    pip_quiet install -q "torch==2.14.0"
+    pip_quiet install -q ninja pybind11 "setuptools>=77" wheel packaging
+    pip_quiet install -q --no-build-isolation "transformer-engine[pytorch]>=2.9,<2.12"
     pip_quiet install -q -e ".[gpu,dev]"
 fi
 "$VENV/bin/python" -W ignore -c "import torch, megatron.core, vllm, transformers; print('[setup] torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"

@@ -18,10 +18,15 @@ class RolloutConfig(StrictModel):
 
     engines: int = Field(1, ge=1, le=1024, description="number of vLLM engines (data-parallel replicas)")
     engine_tp: int = Field(1, ge=1, le=64, description="tensor-parallel size of each engine")
+    devices: list[int] | None = Field(
+        None, description="local mode on a GPU node: the engines' GPU ids, engine_tp consecutive ids per engine; "
+                          "None = the GPUs after the trainer's (see oapl_megatron/launch/placement.py)")
     mode: Literal["local", "cluster"] = Field(
-        "local", description="local: the trainer spawns the engines; cluster: attach to engine servers at `addresses`")
+        "local", description="local: the trainer spawns the engines; cluster: attach to engine servers at `addresses`, "
+                             "or (no addresses) wait for them to register in <run_dir>/engines/registry")
     addresses: list[str] = Field(
-        default_factory=list, description="cluster mode: one `host:port` per engine (engine servers started elsewhere)")
+        default_factory=list, description="cluster mode: one `host:port` per engine (engine servers started elsewhere); "
+                                          "empty = engines register themselves (oapl-launch slurm)")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="sampling temperature (0 = greedy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     max_tokens: int = Field(1024, ge=1, le=1 << 20, description="maximum generated tokens per completion")
@@ -39,9 +44,10 @@ class RolloutConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.mode == "cluster" and len(self.addresses) != self.engines:
+        if self.mode == "cluster" and self.addresses and len(self.addresses) != self.engines:
             raise ValueError(f"rollout.addresses: cluster mode needs one host:port per engine "
-                             f"(rollout.engines={self.engines}, got {len(self.addresses)} addresses)")
+                             f"(rollout.engines={self.engines}, got {len(self.addresses)} addresses), or none: the "
+                             "engines then register in <run_dir>/engines/registry")
         if self.mode == "local" and self.addresses:
             raise ValueError("rollout.addresses is only used with rollout.mode='cluster'; remove it or set the mode")
         for a in self.addresses:
@@ -56,7 +62,25 @@ class WeightSyncConfig(StrictModel):
 
     bucket_mb: int = Field(256, ge=1, le=8192, description="bucket size in MiB (memory held twice per side)")
     verify_checksums: bool = Field(True, description="per-bucket checksum checked on every receiver before load")
-    timeout_s: float = Field(300.0, gt=0, le=7200, description="bound on each data-plane operation and reply")
+    timeout_s: float = Field(300.0, gt=0, le=7200, description="bound on each data-plane operation and reply "
+                                                               "(see trainer_wait_bound_s for parallel.timeout_s)")
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="data-plane backend; auto = nccl with CUDA, else gloo (nccl on CPU is refused)")
     host: str = Field("127.0.0.1", description="address the trainer's sender listens on (reachable by engines)")
+
+
+# Slack for the control-plane round trips around a sync (meta, verify and commit replies, the prefix-cache reset).
+SYNC_SLACK_S = 60.0
+
+
+def trainer_wait_bound_s(rollout: RolloutConfig, weight_sync: WeightSyncConfig) -> float:
+    """The longest a trainer rank other than 0 may wait in one collective with rank 0 during a weight sync.
+
+    While the others wait in the weight gather, rank 0 first waits for the engines: draining in-flight generation
+    (≤ ``rollout.request_timeout_s``), or starting the evaluation engine (≤ ``rollout.start_timeout_s``); then
+    the weight group's join and one data-plane operation (≤ ``weight_sync.timeout_s`` each), plus slack for the
+    control replies. ``parallel.timeout_s`` (every trainer collective) must be at least this, or the waiting
+    ranks time out while rank 0 is still legitimately busy (RunConfig checks it).
+    """
+    engine_wait = max(rollout.request_timeout_s, rollout.start_timeout_s)
+    return engine_wait + 2 * weight_sync.timeout_s + SYNC_SLACK_S

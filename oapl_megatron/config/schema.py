@@ -15,9 +15,10 @@ from pydantic import Field, model_validator
 from oapl_megatron.config.base import StrictModel
 from oapl_megatron.config.checkpoint import CheckpointConfig
 from oapl_megatron.config.data import MathDatasetTaskConfig
+from oapl_megatron.config.launch import LaunchConfig
 from oapl_megatron.config.loop import ExportConfig, HeldOutEvalConfig, LoggingConfig, LoopConfig
 from oapl_megatron.config.profile import ProfileConfig
-from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig
+from oapl_megatron.config.rollout import SYNC_SLACK_S, RolloutConfig, WeightSyncConfig, trainer_wait_bound_s
 from oapl_megatron.config.task import SyntheticTaskConfig
 
 
@@ -79,7 +80,11 @@ class ParallelConfig(StrictModel):
     pp: int = Field(1, ge=1, le=64, description="Pipeline-parallel size.")
     vpp: int | None = Field(None, ge=2, description="Virtual pipeline chunks per stage (interleaved); None = off.")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl with CUDA, gloo otherwise.")
-    timeout_s: float = Field(600.0, gt=0, description="Timeout of every trainer collective, seconds.")
+    # The default covers a weight sync with the default rollout/weight_sync timeouts (3600 + 2 * 300 + 60 s): the
+    # other ranks wait in a collective while rank 0 drains the engines (see config.rollout.trainer_wait_bound_s).
+    timeout_s: float = Field(4500.0, gt=0, description="Timeout of every trainer collective, seconds; at least "
+                                                      "rollout.request_timeout_s + 2 * weight_sync.timeout_s + 60 "
+                                                      "in a run (checked).")
 
     @model_validator(mode="after")
     def _vpp_needs_pp(self) -> "ParallelConfig":
@@ -160,6 +165,7 @@ class RunConfig(StrictModel):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, TensorBoard, progress.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Final Hugging Face export.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Resumable checkpoints.")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Nodes, GPUs, Slurm (oapl-launch).")
     profile: ProfileConfig = Field(default_factory=ProfileConfig, description="Traces, NVTX ranges, MFU peak.")
 
     @model_validator(mode="after")
@@ -179,6 +185,21 @@ class RunConfig(StrictModel):
                 "checkpoint.every_steps / checkpoint.resume need loop.buffer=clear: exact resume relies on every "
                 "policy version consuming exactly the groups it generated (loop.buffer=keep is not resumable yet)"
             )
+        wait = trainer_wait_bound_s(self.rollout, self.weight_sync)
+        if self.parallel.timeout_s < wait:
+            raise ValueError(
+                f"parallel.timeout_s={self.parallel.timeout_s:g} is shorter than a weight sync may keep the trainer "
+                f"ranks waiting: max(rollout.request_timeout_s={self.rollout.request_timeout_s:g}, "
+                f"rollout.start_timeout_s={self.rollout.start_timeout_s:g}) + 2 * weight_sync.timeout_s="
+                f"{self.weight_sync.timeout_s:g} + {SYNC_SLACK_S:g} = {wait:g} s (rank 0 drains the engines while the "
+                f"others wait in the weight gather); raise parallel.timeout_s to at least {wait:g} or lower "
+                f"rollout.request_timeout_s"
+            )
+        if self.launch.gpus_per_node and self.rollout.mode == "local" and self.rollout.devices is not None:
+            from oapl_megatron.launch.placement import place_node, trainer_ranks_per_node
+
+            place_node(self.launch.gpus_per_node, trainer_ranks_per_node(self), self.rollout.engines,
+                       self.rollout.engine_tp, self.rollout.devices)  # overlap → error now, not at the first sync
         if self.optim.scheduler.warmup_steps > self.train.steps:
             raise ValueError(
                 f"optim.scheduler.warmup_steps={self.optim.scheduler.warmup_steps} exceeds "

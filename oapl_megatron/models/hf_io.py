@@ -7,7 +7,9 @@ Two directions, both driven by the one mapping in :mod:`oapl_megatron.models.map
   ``model.safetensors.index.json``) with ``safetensors.safe_open`` and reads only the tensors of its layers.
 * :func:`iter_hf_weights` — a generator that yields ``(hf_name, full tensor)`` on one destination rank, layer by
   layer, for the weight sync to vLLM and for writing HF checkpoints. Peak extra memory on any rank is one merged
-  parameter (plus its TP shards on the gathering rank); nothing is buffered.
+  parameter (plus its TP shards on the gathering rank); nothing is buffered. :func:`gather_hf_weights` gives the
+  same stream plus every tensor's name, dtype and shape up front (from the architecture), so a weight sync can plan
+  its buckets before the first tensor is gathered.
 
 Use::
 
@@ -20,8 +22,8 @@ Use::
 with a ``.module`` attribute (megatron DDP, Float16Module) are unwrapped, so names carry no ``module.`` prefix.
 The layer spec (local or Transformer Engine) is detected from the parameter names.
 
-Process groups: taken from ``ctx`` when it carries ``tp_group``/``pp_group``/``mp_group``, else read once from
-megatron's ``parallel_state`` in :func:`_groups` (the only place this module touches it).
+Process groups and devices come from ``ctx`` (:class:`~oapl_megatron.parallel.bootstrap.ParallelContext`): every
+tensor handed to a collective lives on ``ctx.device`` (cuda with NCCL, cpu with gloo).
 """
 
 from __future__ import annotations
@@ -233,13 +235,11 @@ def load_hf_weights(chunks, ctx, arch, source: str | os.PathLike | Mapping[str, 
 
 
 def _groups(ctx):
-    """(tp_group, pp_group, mp_group) of this rank: from the context when it carries them, else megatron's."""
-    if all(hasattr(ctx, g) for g in ("tp_group", "pp_group", "mp_group")):
-        return ctx.tp_group, ctx.pp_group, ctx.mp_group
-    from megatron.core import parallel_state as ps
-
-    return (ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
-            ps.get_model_parallel_group())
+    """(tp_group, pp_group, mp_group) of this rank, from the context; a context without them has no live world."""
+    if ctx.mp_group is None:
+        raise ValueError("iter_hf_weights needs a ParallelContext from init_distributed/set_model_parallel "
+                         "(this one carries no process groups)")
+    return ctx.tp_group, ctx.pp_group, ctx.mp_group
 
 
 def _param_data(name: str, param: torch.nn.Parameter) -> torch.Tensor:
@@ -300,23 +300,55 @@ def iter_hf_weights(chunks, ctx, arch, dst_rank: int = 0, *, include_tied_lm_hea
     On dst a yielded tensor may alias the model's own parameter (replicated tensors, TP=1): copy it if it must
     outlive the next optimizer step. Memory on dst is bounded by what the caller keeps.
     """
+    _, tensors = gather_hf_weights(chunks, ctx, arch, dst_rank, include_tied_lm_head=include_tied_lm_head,
+                                   tensor_of=tensor_of)
+    yield from tensors
+
+
+def gather_hf_weights(chunks, ctx, arch, dst_rank: int = 0, *, include_tied_lm_head: bool = True,
+                      tensor_of: Callable[[str, torch.nn.Parameter], torch.Tensor] | None = None
+                      ) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...]]], Iterator[tuple[str, torch.Tensor]]]:
+    """:func:`iter_hf_weights` with the metadata up front: ``(metas, tensors)``.
+
+    ``metas`` lists ``(hf_name, dtype, shape)`` of every tensor ``tensors`` will yield on ``dst_rank``, in order,
+    derived from the architecture and the dtype table without materialising any tensor: a weight sync can plan
+    its buckets and stream the gather into the broadcast (rank 0 then holds a few buckets, not the model).
+    ``metas`` is the same on every rank of dst's replica, empty elsewhere.
+
+    Collective: the dtype-table ``all_gather_object`` over the model-parallel group runs in this call (every rank
+    of dst's replica calls it); the rest of the :func:`iter_hf_weights` contract applies to iterating ``tensors``.
+    """
     tp_group, pp_group, mp_group = _groups(ctx)
-    mp_ranks = dist.get_process_group_ranks(mp_group) if dist.is_initialized() else [0]
-    if dst_rank not in mp_ranks:
-        return
-    me = ctx.rank
+    if dst_rank not in ctx.mp_ranks:
+        return [], iter(())
     spec = detect_spec(chunks)
     params = canonical_params(chunks, ctx, arch)
+    tensor_of = tensor_of or _param_data
+    dtypes = _dtype_table(params, tensor_of, mp_group, len(ctx.mp_ranks))
+    metas = []
+    for name in M.megatron_names_in_order(arch, spec):
+        rule, layer = M.find_rule(arch, name, spec)
+        if rule.load_only:
+            continue
+        for hf_name in rule.hf_names(layer):
+            dtype, shape = dtypes[M.split_layer_name(name)[1]], M.expected_hf_shape(arch, hf_name)
+            metas.append((hf_name, dtype, shape))
+            if hf_name == "model.embed_tokens.weight" and arch.tie_word_embeddings and include_tied_lm_head:
+                metas.append(("lm_head.weight", dtype, shape))
+    return metas, _gather(chunks, ctx, arch, dst_rank, include_tied_lm_head, tensor_of, spec, params, dtypes,
+                          tp_group)
+
+
+def _gather(chunks, ctx, arch, dst_rank, include_tied_lm_head, tensor_of, spec, params, dtypes, tp_group):
+    mp_ranks = list(ctx.mp_ranks)
+    me = ctx.rank
     placement = _placement(ctx, arch)
-    pp_ranks = dist.get_process_group_ranks(pp_group) if dist.is_initialized() else [0]
+    pp_ranks = list(ctx.pp_ranks)
     # Megatron lays a replica's ranks out TP-fastest, so dst's TP rank is its index in the model-parallel group
     # modulo tp. The stage leaders are the ranks with dst's TP rank: exactly dst's pipeline group.
     dst_tp = mp_ranks.index(dst_rank) % ctx.tp
     if me == dst_rank and dst_rank not in pp_ranks:
         raise AssertionError(f"rank {me} is not in its own pipeline group {pp_ranks}")
-
-    tensor_of = tensor_of or _param_data
-    dtypes = _dtype_table(params, tensor_of, mp_group, len(mp_ranks) if dist.is_initialized() else 1)
 
     for name in M.megatron_names_in_order(arch, spec):
         rule, layer = M.find_rule(arch, name, spec)
@@ -328,7 +360,8 @@ def iter_hf_weights(chunks, ctx, arch, dst_rank: int = 0, *, include_tied_lm_hea
                 leader = pp_ranks[owner_pp]
                 for hf_name in rule.hf_names(layer):
                     dtype = dtypes[M.split_layer_name(name)[1]]
-                    buf = torch.empty(M.expected_hf_shape(arch, hf_name), dtype=dtype)
+                    # on the group's device: the default group is NCCL on GPU, which cannot receive into CPU memory
+                    buf = torch.empty(M.expected_hf_shape(arch, hf_name), dtype=dtype, device=ctx.device)
                     _p2p(dist.recv, buf, leader, hf_name, f"receiving from pp stage {owner_pp}")
                     yield from _emit(hf_name, buf, arch, include_tied_lm_head)
             continue

@@ -3,7 +3,8 @@
 Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the environment) every rank
 calls :func:`init_distributed`; a plain single process (no torchrun variables) becomes a world of one through a
 private TCP store on a free local port. Everything after set-up receives the returned :class:`ParallelContext`
-instead of reading megatron's globals::
+(ranks, device, backend and megatron's process groups) instead of reading megatron's globals: this is the only
+module that reads ``megatron.core.parallel_state``::
 
     from oapl_megatron.config.schema import ParallelConfig
     from oapl_megatron.parallel.bootstrap import init_distributed, set_model_parallel, shutdown
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 from datetime import timedelta
 
 import torch
@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from oapl_megatron.config.loader import ConfigError
 from oapl_megatron.config.schema import ParallelConfig
+from oapl_megatron.parallel.rng import seed_host_rngs
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -47,8 +48,17 @@ class ParallelContext:
     tp_rank: int
     pp_rank: int
     dp_rank: int
-    device: torch.device
-    backend: str
+    device: torch.device  # where this rank's tensors live and what every collective of the default backend moves
+    backend: str  # backend of the default group and of megatron's groups: "nccl" (cuda tensors) or "gloo" (cpu)
+    # Megatron's groups of this rank and their members' global ranks, read once from ``parallel_state`` here so
+    # that library code receives them instead of reading megatron's globals. None in a context built by hand
+    # without a live world (layout checks in tests).
+    tp_group: dist.ProcessGroup | None = dataclasses.field(default=None, repr=False, compare=False)
+    pp_group: dist.ProcessGroup | None = dataclasses.field(default=None, repr=False, compare=False)
+    dp_group: dist.ProcessGroup | None = dataclasses.field(default=None, repr=False, compare=False)
+    mp_group: dist.ProcessGroup | None = dataclasses.field(default=None, repr=False, compare=False)  # TP x PP
+    pp_ranks: tuple[int, ...] = (0,)  # global ranks of this rank's pipeline group, stage order
+    mp_ranks: tuple[int, ...] = (0,)  # global ranks of this rank's model-parallel group (one DP replica)
 
     @property
     def num_chunks(self) -> int:
@@ -62,6 +72,11 @@ class ParallelContext:
     def is_last_stage(self, vp_stage: int | None = None) -> bool:
         """Whether this rank (chunk ``vp_stage`` with VPP) holds the output layer, i.e. the last pipeline stage."""
         return self.pp_rank == self.pp - 1 and (vp_stage is None or vp_stage == self.num_chunks - 1)
+
+    @property
+    def pp_last_rank(self) -> int:
+        """Global rank of the last pipeline stage of this rank's pipeline group."""
+        return self.pp_ranks[-1]
 
 
 _state: dict = {}  # seed, backend, device, local_rank, timeout of the live world
@@ -96,6 +111,8 @@ def _check_grid(world_size: int, tp: int, pp: int, vpp: int | None) -> None:
 def _make_context(tp: int, pp: int, vpp: int | None) -> ParallelContext:
     from megatron.core import parallel_state as ps
 
+    pp_group = ps.get_pipeline_model_parallel_group()
+    mp_group = ps.get_model_parallel_group()
     return ParallelContext(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
@@ -109,6 +126,12 @@ def _make_context(tp: int, pp: int, vpp: int | None) -> ParallelContext:
         dp_rank=ps.get_data_parallel_rank(),
         device=_state["device"],
         backend=_state["backend"],
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=pp_group,
+        dp_group=ps.get_data_parallel_group(),
+        mp_group=mp_group,
+        pp_ranks=tuple(dist.get_process_group_ranks(pp_group)),
+        mp_ranks=tuple(dist.get_process_group_ranks(mp_group)),
     )
 
 
@@ -126,14 +149,7 @@ def _init_model_parallel(tp: int, pp: int, vpp: int | None) -> ParallelContext:
     # Same seed on every rank: the CPU/host generators are equal everywhere, which megatron's CPU weight
     # initialisation relies on (every TP rank builds the full master weight and keeps its shard). The tracker
     # then gives TP-region dropout a per-TP-rank stream (seed + 2718 + tp_rank).
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # numpy is a megatron dependency; this is only for minimal environments
-        pass
+    seed_host_rngs(seed)
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     return _make_context(tp, pp, vpp)
 

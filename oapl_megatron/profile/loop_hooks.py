@@ -30,6 +30,7 @@ class LoopProfiler:
         self.tracer = StepTracer(cfg.profile.steps, Path(cfg.run_dir) / "traces", rank, cfg.profile.record_shapes)
         self._started = False
         self._batch: dict = {}
+        self._gather_s = 0.0
 
     def begin_step(self, step: int) -> None:
         if not self._started:  # later steps start where the previous one ended
@@ -63,10 +64,15 @@ class LoopProfiler:
             yield item
 
     def book_sync(self, report) -> None:
-        """Split the ``sync_other`` phase into gather / broadcast / engine load with the sync's own timings."""
-        self.timer.move("sync_other", "weight_gather", getattr(self, "_gather_s", 0.0))
+        """Split the ``sync_other`` phase into gather / broadcast / engine load with the sync's own timings.
+
+        The gather is streamed into the broadcast (each tensor is pulled from the gather as the packer needs it),
+        so the report's broadcast window contains the gather: the broadcast's own share is the window minus the
+        time spent producing tensors."""
+        gather = self._gather_s
+        self.timer.move("sync_other", "weight_gather", gather)
         if report is not None:
-            self.timer.move("sync_other", "weight_broadcast", report.broadcast_s)
+            self.timer.move("sync_other", "weight_broadcast", max(0.0, report.broadcast_s - gather))
             self.timer.move("sync_other", "engine_load", report.load_s)
 
     def end_step(self, step: int, engines=None) -> dict:

@@ -55,6 +55,9 @@ def build_llm(s: LLMSettings, label: str = "engine"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
+    from oapl_megatron.rollout.vllm_compat import check_vllm_version
+
+    check_vllm_version()  # an unsupported vLLM fails here, at engine start, not at the first weight sync
     tokenizer = s.tokenizer or s.model
     kwargs: dict[str, Any] = dict(model=s.model, tokenizer=tokenizer, tensor_parallel_size=s.tp, dtype=s.dtype,
                                   max_model_len=s.max_model_len, enforce_eager=s.enforce_eager, seed=s.seed,

@@ -103,10 +103,7 @@ def grads_are_finite(chunks: list, group=None) -> bool:
                 bad.fill_(1.0)
                 break
     if torch.distributed.is_initialized():
-        bad = bad.to(_device())
+        # on the parameters' device, which is the device of the trainer's process groups (cuda with NCCL)
+        bad = bad.to(next((p.device for c in chunks for p in c.parameters()), torch.device("cpu")))
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=group)
     return bad.item() == 0.0
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

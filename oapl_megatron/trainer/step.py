@@ -22,7 +22,7 @@ from oapl_megatron.algo import grpo_loss, oapl_sequence_loss
 from oapl_megatron.config.schema import GRPOObjective, OAPLObjective
 from oapl_megatron.parallel.bootstrap import ParallelContext
 from oapl_megatron.trainer.batch import MicroBatch, StepBatch
-from oapl_megatron.trainer.logprobs import mask_vocab_padding, token_entropy, token_logprobs
+from oapl_megatron.trainer.logprobs import token_logprobs_and_entropy
 from oapl_megatron.trainer.optimizer import TrainState, grads_are_finite
 
 # Summed over micro-batches and DP ranks, then turned into means in _finish_metrics.
@@ -45,10 +45,9 @@ def _forward(model, mb: MicroBatch, mask: torch.Tensor):
 
 def _token_stats(logits: torch.Tensor, mb: MicroBatch, ctx: ParallelContext, vocab_size: int, padded_vocab: int,
                  tp_group):
-    logits = mask_vocab_padding(logits.float(), vocab_size, _vocab_slice(ctx, padded_vocab))  # [B, S, V/tp]
-    tok_logp = token_logprobs(logits, mb.targets)  # [B, S]
-    entropy = token_entropy(logits, tp_group)  # [B, S]
-    return tok_logp, entropy
+    # logits: [B, S, V/tp] in the model's dtype; chunked over tokens, fp32 inside
+    return token_logprobs_and_entropy(logits, mb.targets, vocab_size, _vocab_slice(ctx, padded_vocab),
+                                      tp_group)  # [B, S] each
 
 
 def _objective_loss(objective, tok_logp: torch.Tensor, mb: MicroBatch, batch: StepBatch):
@@ -133,15 +132,13 @@ def forward_backward(state: TrainState, batch: StepBatch, objective: OAPLObjecti
                      ctx: ParallelContext, vocab_size: int, padded_vocab: int) -> dict[str, float]:
     """Zero the gradients, then forward + backward over this rank's micro-batches; gradients end reduced over DP
     (``finalize_model_grads``). Returns global metrics, identical on every rank."""
-    from megatron.core import parallel_state
-
     for c in state.chunks:
         c.zero_grad_buffer()
     state.optimizer.zero_grad()
     mask = causal_mask(batch.seq_len, ctx.device)
     batch = StepBatch([mb.to(ctx.device) for mb in batch.micro_batches], batch.seq_len, batch.micro_batch_size,
                       batch.num_sequences, batch.num_tokens, batch.extra)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_group = ctx.tp_group
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
@@ -186,12 +183,10 @@ def forward_logprobs(chunks: list, batch: StepBatch, ctx: ParallelContext, vocab
 
     Computed on the last pipeline stage and broadcast over the pipeline group, so every rank of this DP replica
     returns the same list."""
-    from megatron.core import parallel_state
-
     mask = causal_mask(batch.seq_len, ctx.device)
     mbs = [mb.to(ctx.device) for mb in batch.micro_batches]
     batch = StepBatch(mbs, batch.seq_len, batch.micro_batch_size, batch.num_sequences, batch.num_tokens)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_group = ctx.tp_group
 
     def loss_func(mb, logits):
         tok_logp, entropy = _token_stats(logits, mb, ctx, vocab_size, padded_vocab, tp_group)
@@ -216,7 +211,6 @@ def forward_logprobs(chunks: list, batch: StepBatch, ctx: ParallelContext, vocab
             t[0] = store[i]["logp"]
             t[1] = store[i]["entropy"]
         if ctx.pp > 1:
-            dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                           group=parallel_state.get_pipeline_model_parallel_group())
+            dist.broadcast(t, src=ctx.pp_last_rank, group=ctx.pp_group)
         out.append((t[0].cpu(), t[1].cpu()))
     return out

