@@ -51,9 +51,9 @@ def trainer(root: Path) -> list[str]:
     return out
 
 
-def loop(root: Path, paired: bool = False) -> list[str]:
+def loop(root: Path, paired: str | None = None) -> list[str]:
     if paired:  # one file per world size (tools/profile_cpu.sh paired); efficiencies against the 1-rank run
-        parts = [_load(root / "paired" / f"loop_n{n}" / "scaling.json") for n in (1, 2, 4)]
+        parts = [_load(root / paired / f"loop_n{n}" / "scaling.json") for n in (1, 2, 4)]
         if not all(parts):
             return []
         rows = [p["loop"]["rows"][0] for p in parts]
@@ -142,10 +142,12 @@ def model(root: Path, name: str) -> list[str]:
 
 def sections(root: Path) -> list[tuple[str, list[str]]]:
     return [("peak", peak(root)), ("trainer scaling", trainer(root)), ("loop scaling", loop(root)),
-            ("loop scaling paired", loop(root, paired=True)),
+            ("loop scaling paired", loop(root, paired="paired")),
+            ("loop scaling paired quiet", loop(root, paired="paired_quiet")),
             ("breakdown n=2", breakdown(root, 2)), ("validation", validation(root)),
             ("validation calibrated on 2 ranks", validation(root, "validation_cal2.json")),
-            ("validation paired", validation(root, "validation_paired.json")), ("sweep", sweep(root)),
+            ("validation paired", validation(root, "validation_paired.json")),
+            ("validation paired quiet", validation(root, "validation_paired_quiet.json")), ("sweep", sweep(root)),
             ("model qwen3-4b math", model(root, "model_qwen3_4b_math.json")),
             ("model r1-14b code", model(root, "model_r1_14b_code.json"))]
 
