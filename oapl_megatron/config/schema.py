@@ -17,6 +17,7 @@ from oapl_megatron.config.checkpoint import CheckpointConfig
 from oapl_megatron.config.data import MathDatasetTaskConfig
 from oapl_megatron.config.launch import LaunchConfig
 from oapl_megatron.config.loop import ExportConfig, HeldOutEvalConfig, LoggingConfig, LoopConfig
+from oapl_megatron.config.profile import ProfileConfig
 from oapl_megatron.config.rollout import SYNC_SLACK_S, RolloutConfig, WeightSyncConfig, trainer_wait_bound_s
 from oapl_megatron.config.task import SyntheticTaskConfig
 
@@ -165,6 +166,7 @@ class RunConfig(StrictModel):
     export: ExportConfig = Field(default_factory=ExportConfig, description="Final Hugging Face export.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Resumable checkpoints.")
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Nodes, GPUs, Slurm (oapl-launch).")
+    profile: ProfileConfig = Field(default_factory=ProfileConfig, description="Traces, NVTX ranges, MFU peak.")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":

