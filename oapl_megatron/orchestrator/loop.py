@@ -30,6 +30,7 @@ from oapl_megatron.config.schema import RunConfig
 from oapl_megatron.models.builder import build_policy
 from oapl_megatron.models.hf_config import arch_from_hf, make_vocab_padding
 from oapl_megatron.models.hf_io import iter_hf_weights, load_hf_weights, unwrap
+from oapl_megatron.orchestrator.faults import EnginesLost, FaultState, fault_metrics, save_or_report
 from oapl_megatron.parallel.bootstrap import ParallelContext, init_distributed, shutdown
 from oapl_megatron.trainer.batch import build_step_batch
 from oapl_megatron.trainer.optimizer import TrainState, wrap_and_build_optimizer
@@ -63,6 +64,7 @@ class Trainer:
     padded_vocab: int
     control: dist.ProcessGroup | None
     frozen: list | None = None  # trainer-side copy of π_vllm (loop.ref_logp_source=trainer)
+    faults: FaultState = field(default_factory=FaultState)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -80,7 +82,11 @@ def run(cfg: RunConfig) -> dict:
             if cfg.eval.every and start_step == 0:
                 driver.log.step(0, {"policy_version": 0, **_evaluate(driver, cfg)})
         for step in range(start_step + 1, cfg.train.steps + 1):
-            metrics = train_one_step(tr, driver, step)
+            try:
+                metrics = train_one_step(tr, driver, step)
+            except EnginesLost:
+                _save_at_last_sync_point(tr, driver, step - 1)
+                raise
             last_step = step == cfg.train.steps
             if schedule.should_sync(step) or last_step:
                 metrics.update(sync_weights(tr, driver, step))
@@ -119,19 +125,35 @@ def _final_save(cfg: RunConfig, step: int, driver: Driver | None) -> bool:
 
 
 def maybe_resume(tr: Trainer) -> tuple[int, dict | None]:
-    """With checkpoint.resume: load the newest complete checkpoint (rank 0 picks it, every rank loads it)."""
-    from oapl_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint
+    """With checkpoint.resume: load the newest checkpoint that is complete and intact (rank 0 lists them, every
+    rank loads); an incomplete or corrupted newer one is skipped with a message naming it and why."""
+    from oapl_megatron.orchestrator.faults import marker_problem, resume_candidates
+    from oapl_megatron.trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
     cfg = tr.cfg
     if not cfg.checkpoint.resume:
         return 0, None
     root = cfg.checkpoint.resolve_dir(Path(cfg.run_dir))
-    path = _broadcast_object(latest_checkpoint(root) if tr.ctx.rank == 0 else None, tr)
+    listed = None
+    if tr.ctx.rank == 0:
+        latest_checkpoint(root)  # removes the temp dirs of interrupted saves
+        listed = [(p, marker_problem(p)) for p in resume_candidates(root)]
+    path, extra = None, None
+    for candidate, problem in _broadcast_object(listed, tr):
+        if problem is None:
+            try:
+                extra = load_checkpoint(candidate, tr.state, tr.ctx)  # checks every file before changing anything
+                path = candidate
+                break
+            except CheckpointError as e:  # raised on every rank alike
+                problem = str(e)
+        if tr.ctx.rank == 0:
+            print(f"[oapl-train] --resume: skipping {candidate}: {problem}; trying the previous checkpoint",
+                  flush=True)
     if path is None:
         if tr.ctx.rank == 0:
-            print(f"[oapl-train] --resume: no complete checkpoint under {root}; starting from step 0", flush=True)
+            print(f"[oapl-train] --resume: no usable checkpoint under {root}; starting from step 0", flush=True)
         return 0, None
-    extra = load_checkpoint(path, tr.state, tr.ctx)
     if tr.frozen is not None:
         _copy_into_frozen(tr)  # checkpoints are taken right after a sync: π_vllm = the restored weights
     if tr.ctx.rank == 0:
@@ -144,15 +166,33 @@ def save(tr: Trainer, driver: Driver | None, step: int) -> float:
     """Collective: a resumable checkpoint right after a sync (the engines serve exactly the saved weights)."""
     from oapl_megatron.trainer.checkpoint import save_checkpoint
 
-    t0 = time.perf_counter()
+    from oapl_megatron.trainer.checkpoint import latest_checkpoint
+
     extra = None
     if driver is not None:
         extra = {"step": step, "policy_version": driver.engines.version,
                  # every version consumed exactly its L × P groups, so the prompt cursor is step × P
                  "prompts_consumed": step * tr.cfg.train.prompts_per_step}
-    save_checkpoint(tr.cfg.checkpoint.resolve_dir(Path(tr.cfg.run_dir)), step, tr.state, tr.ctx, extra or {},
-                    keep_last=tr.cfg.checkpoint.keep_last, config=tr.cfg.model_dump(mode="json"))
-    return time.perf_counter() - t0
+    root = tr.cfg.checkpoint.resolve_dir(Path(tr.cfg.run_dir))
+    seconds, _ = save_or_report(
+        lambda: save_checkpoint(root, step, tr.state, tr.ctx, extra or {}, keep_last=tr.cfg.checkpoint.keep_last,
+                                config=tr.cfg.model_dump(mode="json")),
+        step, tr.faults, stop_on_error=tr.cfg.checkpoint.on_save_error == "stop",
+        log=driver.log.print if driver is not None else None,
+        previous=latest_checkpoint(root, cleanup=False) if driver is not None else None)
+    return seconds
+
+
+def _save_at_last_sync_point(tr: Trainer, driver: Driver | None, last_step: int) -> None:
+    """No engine is left: checkpoint the last completed step if it is a sync point not saved yet (a resumable
+    checkpoint must sit on one); otherwise the newest checkpoint is the one to resume from. Collective."""
+    cfg = tr.cfg
+    if last_step > 0 and last_step % cfg.loop.lag == 0 and not cfg.checkpoint.due(last_step):
+        save(tr, driver, last_step)
+    elif driver is not None:
+        driver.log.print(f"[oapl-train] no engine left after step {last_step}: resume from the newest checkpoint "
+                         f"under {cfg.checkpoint.resolve_dir(Path(cfg.run_dir))} (step {last_step} is not an "
+                         "unsaved sync point)")
 
 
 def setup_trainer(cfg: RunConfig) -> Trainer:
@@ -175,7 +215,8 @@ def setup_trainer(cfg: RunConfig) -> Trainer:
     if ctx.rank == 0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
-    return Trainer(cfg, ctx, arch, state, make_vocab_padding(arch.vocab_size, ctx.tp), control, frozen)
+    return Trainer(cfg, ctx, arch, state, make_vocab_padding(arch.vocab_size, ctx.tp), control, frozen,
+                   faults=FaultState(max_consecutive_skips=cfg.loop.max_consecutive_skips))
 
 
 def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
@@ -221,7 +262,13 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int):
     payload = None
     if driver is not None:
         t0 = time.perf_counter()
-        groups = driver.producer.take(tr.cfg.train.prompts_per_step, tr.cfg.loop.wait_timeout_s)
+        try:
+            groups = driver.producer.take(tr.cfg.train.prompts_per_step, tr.cfg.loop.wait_timeout_s)
+        except Exception as e:  # every rank learns of it now, instead of waiting for a batch until the timeout
+            _broadcast_object(_RolloutFailed(str(e), _no_engine_left(e)), tr)
+            if _no_engine_left(e):
+                raise EnginesLost(f"step {step}: {e}") from e
+            raise
         wait_s = time.perf_counter() - t0
         records = groups_to_records(groups, tr.cfg.objective)
         cur = driver.buffer.current_version
@@ -243,7 +290,26 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int):
             "prompt_ids_crc": zlib.crc32("|".join(f"{g.stream_index}:{g.prompt.id}" for g in groups).encode()),
         }
         payload = (records, info)
-    return _broadcast_object(payload, tr)
+    payload = _broadcast_object(payload, tr)
+    if isinstance(payload, _RolloutFailed):  # ranks other than 0
+        raise (EnginesLost if payload.no_engine else RuntimeError)(f"step {step}: rank 0: {payload.message}")
+    return payload
+
+
+@dataclass
+class _RolloutFailed:
+    message: str
+    no_engine: bool
+
+
+def _no_engine_left(e: BaseException) -> bool:
+    from oapl_megatron.rollout.engine_group import NoEngineError
+
+    while e is not None:
+        if isinstance(e, NoEngineError):
+            return True
+        e = e.__cause__
+    return False
 
 
 def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
@@ -257,6 +323,7 @@ def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
     metrics = train_step(tr.state, batch, cfg.objective, ctx, tr.arch.vocab_size, tr.padded_vocab)
     dt = time.perf_counter() - t0
     metrics.update(info)
+    tr.faults.after_step(step, metrics, log=driver.log.print if driver is not None else None)
     metrics["train_step_s"] = dt
     metrics["train_tokens_per_s"] = metrics["response_tokens"] / dt if dt > 0 else 0.0
     if driver is not None:
@@ -264,6 +331,8 @@ def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
         metrics["engine_idle_fraction"] = sum(u["idle_fraction"] for u in util.values()) / max(1, len(util))
         metrics["buffer_groups"] = len(driver.buffer)
         metrics["dropped_stale_groups"] = driver.buffer.dropped_stale
+        metrics.update(fault_metrics(driver.engines, driver.producer))
+        metrics["checkpoint_failures"] = tr.faults.checkpoint_failures
     return metrics
 
 

@@ -55,6 +55,10 @@ from oapl_megatron.weight_sync.sync import SyncError, SyncHooks, SyncReport, run
 from oapl_megatron.weight_sync.transport import TransportError, WeightGroup, make_sender, open_rendezvous, resolve_backend
 
 
+class NoEngineError(EngineError):
+    """No engine was live for ``rollout.no_engine_timeout_s`` (or none can come back): generation cannot go on."""
+
+
 class EngineGroup:
     """N engines: start, balanced generation (blocking or non-blocking), weight sync, shutdown."""
 
@@ -411,7 +415,7 @@ class EngineGroup:
                     raise RuntimeError("EngineGroup is shut down")
                 left = deadline - time.monotonic()
                 if not self._restarting or left <= 0:
-                    raise EngineError(f"{what}: no live engine for {self.cfg.no_engine_timeout_s:.0f}s "
+                    raise NoEngineError(f"{what}: no live engine for {self.cfg.no_engine_timeout_s:.0f}s "
                                       f"(rollout.no_engine_timeout_s) and "
                                       f"{'none restarting' if not self._restarting else 'none back yet'}; "
                                       f"engine failures so far: {self.counters['engine_failures']}", -1, "generate")
