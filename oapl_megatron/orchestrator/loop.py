@@ -138,7 +138,7 @@ def maybe_resume(tr: Trainer) -> tuple[int, dict | None]:
     if tr.ctx.rank == 0:
         latest_checkpoint(root)  # removes the temp dirs of interrupted saves
         listed = [(p, marker_problem(p)) for p in resume_candidates(root)]
-    path, extra = None, None
+    path, extra, skipped = None, None, []
     for candidate, problem in _broadcast_object(listed, tr):
         if problem is None:
             try:
@@ -147,9 +147,14 @@ def maybe_resume(tr: Trainer) -> tuple[int, dict | None]:
                 break
             except CheckpointError as e:  # raised on every rank alike
                 problem = str(e)
+        skipped.append(candidate)
         if tr.ctx.rank == 0:
             print(f"[oapl-train] --resume: skipping {candidate}: {problem}; trying the previous checkpoint",
                   flush=True)
+    if tr.ctx.rank == 0:
+        for bad in skipped:  # kept for inspection, out of the way of this run's save of the same step
+            bad.rename(bad.with_name(bad.name + ".unusable"))
+            print(f"[oapl-train] --resume: moved {bad} to {bad.name}.unusable", flush=True)
     if path is None:
         if tr.ctx.rank == 0:
             print(f"[oapl-train] --resume: no usable checkpoint under {root}; starting from step 0", flush=True)

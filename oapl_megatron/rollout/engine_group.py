@@ -47,6 +47,7 @@ from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig
 from oapl_megatron.rollout.engine_client import EngineClient, EngineError
 from oapl_megatron.rollout.engine_process import register_group, spawn_engine_server, unregister_group
 from oapl_megatron.rollout.engine_server import EngineSpec
+from oapl_megatron.rollout import fault_injection
 from oapl_megatron.rollout.liveness import LivenessMonitor
 from oapl_megatron.rollout.reissue import Ledger
 from oapl_megatron.rollout.types import GenerationRequest, Sample, SamplingSpec
@@ -284,8 +285,9 @@ class EngineGroup:
         :func:`oapl_megatron.weight_sync.sync.run_sync` for phases, errors and what state a failure leaves.
 
         An engine that dies during the sync is declared dead (and restarted, resynced on return) and the sync is
-        run again for the others, from the tensors already streamed plus the rest of the stream; an integrity
-        failure (checksum mismatch, every engine alive) or a failure with no engine left is raised.
+        run again for the others, from the tensors already streamed plus the rest of the stream (when none is left,
+        for the first that comes back, ≤ ``rollout.no_engine_timeout_s``); an integrity failure (checksum mismatch,
+        every engine alive) is raised.
         """
         self._check_open()
         target = self.version + 1 if version is None else version
@@ -295,9 +297,10 @@ class EngineGroup:
             raise SyncError(f"the weight-sync group is broken ({self._group_broken}); restart the engines", None,
                             "init")
         source = _Replay(named_tensors)
+        hooks = hooks or fault_injection.sync_hooks(target)
         with self._gate:  # no new generation starts until this sync is over
-            self._wait_for_live_engine("weight sync")
             while True:
+                self._wait_for_live_engine(f"weight sync to version {target}")
                 with self._sync_lock:
                     members = self._live_clients()
                     for c in members:
@@ -312,7 +315,7 @@ class EngineGroup:
                         if e.phase != "verify":  # after a clean abort the group is still in step; otherwise it is not
                             self._group_broken = str(e)
                         dead = [c for c in members if c.broken or not c.alive()]
-                        if not dead or len(dead) == len(members) or not self.cfg.restart_engines:
+                        if not dead or not self.cfg.restart_engines:
                             raise
                         failure = str(e)
                     else:
