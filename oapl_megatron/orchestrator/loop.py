@@ -168,10 +168,9 @@ def maybe_resume(tr: Trainer) -> tuple[int, dict | None]:
 
 
 def save(tr: Trainer, driver: Driver | None, step: int) -> float:
-    """Collective: a resumable checkpoint right after a sync (the engines serve exactly the saved weights)."""
-    from oapl_megatron.trainer.checkpoint import save_checkpoint
-
-    from oapl_megatron.trainer.checkpoint import latest_checkpoint
+    """Collective: a resumable checkpoint right after a sync (the engines serve exactly the saved weights). A save
+    that fails is reported and the run goes on, unless checkpoint.on_save_error=stop (orchestrator/faults.py)."""
+    from oapl_megatron.trainer.checkpoint import latest_checkpoint, save_checkpoint
 
     extra = None
     if driver is not None:

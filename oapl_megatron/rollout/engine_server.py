@@ -19,7 +19,9 @@ Cluster mode (started by hand / by a launcher on an inference node)::
 
 keeps serving successive trainer connections until a ``shutdown`` request.
 
-The authkey comes from the environment (``OAPL_ENGINE_AUTHKEY``, hex), never from the command line.
+The authkey comes from the environment (``OAPL_ENGINE_AUTHKEY``, hex), never from the command line. Besides the
+control plane, a daemon thread answers the trainer's UDP heartbeats (:mod:`oapl_megatron.rollout.liveness`; its port
+is in the ping reply), so a stopped or frozen engine is noticed even while no request is pending.
 On a machine without CUDA the engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): 2–3 s start
 and no extra processes, instead of 15–20 s.
 """
