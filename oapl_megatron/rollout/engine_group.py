@@ -417,11 +417,15 @@ class EngineGroup:
                 if self._closed:
                     raise RuntimeError("EngineGroup is shut down")
                 left = deadline - time.monotonic()
-                if not self._restarting or left <= 0:
+                if not self._restarting:
+                    raise NoEngineError(f"{what}: no live engine and none restarting (rollout.restart_engines off "
+                                        f"or rollout.max_restarts={self.cfg.max_restarts} reached); engine failures "
+                                        f"so far: {self.counters['engine_failures']}", -1, "generate")
+                if left <= 0:
                     raise NoEngineError(f"{what}: no live engine for {self.cfg.no_engine_timeout_s:.0f}s "
-                                      f"(rollout.no_engine_timeout_s) and "
-                                      f"{'none restarting' if not self._restarting else 'none back yet'}; "
-                                      f"engine failures so far: {self.counters['engine_failures']}", -1, "generate")
+                                        f"(rollout.no_engine_timeout_s), engines {sorted(self._restarting)} still "
+                                        f"restarting; engine failures so far: {self.counters['engine_failures']}",
+                                        -1, "generate")
                 self._cv.wait(min(left, 1.0))
 
     def _dispatch(self, call: "_Call", indexes: list[int]) -> None:
