@@ -296,7 +296,7 @@ class EngineGroup:
         if self._group_broken and not self.cfg.restart_engines:
             raise SyncError(f"the weight-sync group is broken ({self._group_broken}); restart the engines", None,
                             "init")
-        source = _Replay(named_tensors)
+        source = _Replay(named_tensors, host_copy=self.cfg.keep_weights_copy)
         hooks = hooks or fault_injection.sync_hooks(target)
         with self._gate:  # no new generation starts until this sync is over
             while True:
@@ -596,18 +596,21 @@ class _Call:
 
 
 class _Replay:
-    """A weight stream that can be sent again: tensors are recorded as they are pulled (host copies; they must
-    outlive training steps when they become the kept copy), and :meth:`replay` yields the recorded ones, then
-    the rest of the stream."""
+    """A weight stream that can be sent again (a sync retried after an engine died in it): tensors are recorded as
+    they are pulled, and :meth:`replay` yields the recorded ones, then the rest of the stream. ``host_copy``: record
+    host copies, which outlive later training steps and become the kept copy of the version; otherwise references,
+    valid for the retries of this sync only (nothing trains while it runs). Either way the whole model is held
+    until the sync ends; on GPU the host copy costs one device-to-host copy of every tensor."""
 
-    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):
+    def __init__(self, named_tensors: Iterable[tuple[str, torch.Tensor]], host_copy: bool):
         self._it = iter(named_tensors)
+        self._host_copy = host_copy
         self._seen: list[tuple[str, torch.Tensor]] = []
 
     def replay(self):
         yield from list(self._seen)
         for name, t in self._it:
-            self._seen.append((name, t.detach().to("cpu", copy=True)))
+            self._seen.append((name, t.detach().to("cpu", copy=True) if self._host_copy else t))
             yield name, t
 
     def copy(self) -> list[tuple[str, torch.Tensor]]:
