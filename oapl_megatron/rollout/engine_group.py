@@ -202,10 +202,10 @@ class EngineGroup:
         return out
 
     def submit(self, requests: Sequence[GenerationRequest], sampling: SamplingSpec) -> Future:
-        """Non-blocking: spread ``requests`` over the live engines; the Future resolves to ``list[Sample]`` in request
-        order (``sampling.n`` consecutive samples per prompt). Requests of an engine that dies are re-issued to the
-        others; the Future fails only on an engine's reply error or when no engine is live for
-        ``rollout.no_engine_timeout_s``."""
+        """Non-blocking (unless no engine is live: then it waits for one): spread ``requests`` over the live
+        engines; the Future resolves to ``list[Sample]`` in request order (``sampling.n`` consecutive samples per
+        prompt). Requests of an engine that dies are re-issued to the others; the Future fails only on an engine's
+        reply error or when no engine is live for ``rollout.no_engine_timeout_s`` (:class:`NoEngineError`)."""
         self._check_open()
         call = _Call(Ledger(len(requests), sampling.n), list(requests), sampling, Future())
         if not call.requests:
