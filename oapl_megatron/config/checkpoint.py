@@ -11,6 +11,7 @@ Used by the train loop with :mod:`oapl_megatron.trainer.checkpoint`::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -31,6 +32,9 @@ class CheckpointConfig(StrictModel):
     save_on_exit: bool = Field(True, description="Save once more when the run ends normally.")
     resume: bool = Field(False, description="Start from the newest complete checkpoint under the root if one exists "
                                             "(`oapl-train ... --resume` sets it).")
+    on_save_error: Literal["continue", "stop"] = Field(
+        "continue", description="A save that fails (disk full, read-only, permission): continue = report it and "
+                                "train on (the previous checkpoint is intact); stop = end the run with the error.")
 
     def resolve_dir(self, run_dir: Path) -> Path:
         """The checkpoint root for a run directory."""

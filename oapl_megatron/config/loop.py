@@ -23,6 +23,9 @@ class LoopConfig(StrictModel):
         "engine", description="π_vllm log-probs: engine = returned by vLLM (free); trainer = recomputed by the "
                               "trainer from a frozen copy of the last synced weights.")
     wait_timeout_s: float = Field(1800.0, gt=0, description="Longest wait of the trainer for rollout data.")
+    max_consecutive_skips: int = Field(
+        10, ge=0, le=1_000_000, description="Stop the run after this many optimizer steps in a row were skipped "
+                                            "for a non-finite loss or gradient; 0 = never stop.")
 
     @model_validator(mode="after")
     def _keep_needs_staleness(self) -> "LoopConfig":

@@ -47,6 +47,26 @@ class RolloutConfig(StrictModel):
     start_timeout_s: float = Field(600.0, gt=0, le=7200, description="time an engine may take to start and attach")
     request_timeout_s: float = Field(3600.0, gt=0, description="bound on one generate request to one engine")
     control_timeout_s: float = Field(120.0, gt=0, description="bound on a non-generate control request")
+    # fault tolerance (see rollout/liveness.py and EngineGroup): a dead engine is local to itself
+    heartbeat_interval_s: float = Field(1.0, gt=0, le=600, description="seconds between heartbeats to each engine")
+    liveness_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="an engine silent for this long (or whose process exited) is declared dead; "
+                                         "its in-flight groups are re-issued to the others")
+    restart_engines: bool = Field(
+        True, description="restart a dead engine in the background (local: respawn on its devices; cluster: "
+                          "re-attach to its address) and resync the current weights before it generates again")
+    max_restarts: int = Field(10, ge=0, le=10_000, description="restarts per engine before it is left dead")
+    restart_timeout_s: float = Field(
+        600.0, gt=0, le=7200, description="bound on one restart: respawn + ready, or the wait for a cluster server "
+                                          "to come back")
+    no_engine_timeout_s: float = Field(
+        900.0, gt=0, le=86_400, description="longest time generation waits with no live engine before it fails (the "
+                                            "run then stops after a checkpoint at the last sync point)")
+    keep_weights_copy: bool = Field(
+        True, description="keep a host copy of the last synced weights (one model in trainer rank 0's host memory) so a "
+                          "restarted engine gets the current version at once and a sync an engine died in is replayed "
+                          "for the others; false = no copy (the sync streams bucket by bucket), a restarted engine "
+                          "rejoins at the next sync and an engine death during a sync fails it")
 
     @property
     def logprob_temperature(self) -> float:
@@ -68,6 +88,10 @@ class RolloutConfig(StrictModel):
             host, _, port = a.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"rollout.addresses: {a!r} is not host:port")
+        if self.heartbeat_interval_s >= self.liveness_timeout_s:
+            raise ValueError(f"rollout.heartbeat_interval_s={self.heartbeat_interval_s} must be below "
+                             f"rollout.liveness_timeout_s={self.liveness_timeout_s}, or one late beat declares a "
+                             "healthy engine dead")
         return self
 
 

@@ -32,6 +32,7 @@ from oapl_megatron.config.schema import RunConfig
 from oapl_megatron.models.builder import build_policy
 from oapl_megatron.models.hf_config import arch_from_hf, make_vocab_padding
 from oapl_megatron.models.hf_io import gather_hf_weights, load_hf_weights, unwrap
+from oapl_megatron.orchestrator.faults import EnginesLost, FaultState, fault_metrics, save_or_report
 from oapl_megatron.parallel.bootstrap import ParallelContext, init_distributed, shutdown
 from oapl_megatron.profile.loop_hooks import LoopProfiler
 from oapl_megatron.trainer.batch import build_step_batch
@@ -70,6 +71,7 @@ class Trainer:
     control: dist.ProcessGroup | None
     frozen: list | None = None  # trainer-side copy of π_vllm (loop.ref_logp_source=trainer)
     prof: LoopProfiler | None = None  # per-phase times, FLOPs, traces (oapl_megatron.profile.loop_hooks)
+    faults: FaultState = field(default_factory=FaultState)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -91,7 +93,11 @@ def run(cfg: RunConfig) -> dict:
         prof = tr.prof
         for step in range(start_step + 1, cfg.train.steps + 1):
             prof.begin_step(step)
-            metrics = train_one_step(tr, driver, step)
+            try:
+                metrics = train_one_step(tr, driver, step)
+            except EnginesLost:
+                _save_at_last_sync_point(tr, driver, step - 1)
+                raise
             last_step = step == cfg.train.steps
             synced = schedule.should_sync(step) or last_step
             if synced:
@@ -171,19 +177,40 @@ def _final_save(cfg: RunConfig, step: int, driver: Driver | None) -> bool:
 
 
 def maybe_resume(tr: Trainer) -> tuple[int, dict | None]:
-    """With checkpoint.resume: load the newest complete checkpoint (rank 0 picks it, every rank loads it)."""
-    from oapl_megatron.trainer.checkpoint import latest_checkpoint, load_checkpoint
+    """With checkpoint.resume: load the newest checkpoint that is complete and intact (rank 0 lists them, every
+    rank loads); an incomplete or corrupted newer one is skipped with a message naming it and why."""
+    from oapl_megatron.orchestrator.faults import marker_problem, resume_candidates
+    from oapl_megatron.trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
     cfg = tr.cfg
     if not cfg.checkpoint.resume:
         return 0, None
     root = cfg.checkpoint.resolve_dir(Path(cfg.run_dir))
-    path = _broadcast_object(latest_checkpoint(root) if tr.ctx.rank == 0 else None, tr)
+    listed = None
+    if tr.ctx.rank == 0:
+        latest_checkpoint(root)  # removes the temp dirs of interrupted saves
+        listed = [(p, marker_problem(p)) for p in resume_candidates(root)]
+    path, extra, skipped = None, None, []
+    for candidate, problem in _broadcast_object(listed, tr):
+        if problem is None:
+            try:
+                extra = load_checkpoint(candidate, tr.state, tr.ctx)  # checks every file before changing anything
+                path = candidate
+                break
+            except CheckpointError as e:  # raised on every rank alike
+                problem = str(e)
+        skipped.append(candidate)
+        if tr.ctx.rank == 0:
+            print(f"[oapl-train] --resume: skipping {candidate}: {problem}; trying the previous checkpoint",
+                  flush=True)
+    if tr.ctx.rank == 0:
+        for bad in skipped:  # kept for inspection, out of the way of this run's save of the same step
+            bad.rename(bad.with_name(bad.name + ".unusable"))
+            print(f"[oapl-train] --resume: moved {bad} to {bad.name}.unusable", flush=True)
     if path is None:
         if tr.ctx.rank == 0:
-            print(f"[oapl-train] --resume: no complete checkpoint under {root}; starting from step 0", flush=True)
+            print(f"[oapl-train] --resume: no usable checkpoint under {root}; starting from step 0", flush=True)
         return 0, None
-    extra = load_checkpoint(path, tr.state, tr.ctx)
     if tr.frozen is not None:
         _copy_into_frozen(tr)  # checkpoints are taken right after a sync: π_vllm = the restored weights
     if tr.ctx.rank == 0:
@@ -193,19 +220,35 @@ def maybe_resume(tr: Trainer) -> tuple[int, dict | None]:
 
 
 def save(tr: Trainer, driver: Driver | None, step: int) -> float:
-    """Collective: a resumable checkpoint right after a sync (the engines serve exactly the saved weights)."""
-    from oapl_megatron.trainer.checkpoint import save_checkpoint
+    """Collective: a resumable checkpoint right after a sync (the engines serve exactly the saved weights). A save
+    that fails is reported and the run goes on, unless checkpoint.on_save_error=stop (orchestrator/faults.py)."""
+    from oapl_megatron.trainer.checkpoint import latest_checkpoint, save_checkpoint
 
-    t0 = time.perf_counter()
     extra = None
     if driver is not None:
         extra = {"step": step, "policy_version": driver.engines.version,
                  # every version consumed exactly its L × P groups, so the prompt cursor is step × P
                  "prompts_consumed": step * tr.cfg.train.prompts_per_step}
-    save_checkpoint(tr.cfg.checkpoint.resolve_dir(Path(tr.cfg.run_dir)), step, tr.state, tr.ctx, extra or {},
-                    keep_last=tr.cfg.checkpoint.keep_last, hf_dir=tr.cfg.model.hf_path,
-                    config=tr.cfg.model_dump(mode="json"))
-    return time.perf_counter() - t0
+    root = tr.cfg.checkpoint.resolve_dir(Path(tr.cfg.run_dir))
+    seconds, _ = save_or_report(
+        lambda: save_checkpoint(root, step, tr.state, tr.ctx, extra or {}, keep_last=tr.cfg.checkpoint.keep_last,
+                                hf_dir=tr.cfg.model.hf_path, config=tr.cfg.model_dump(mode="json")),
+        step, tr.faults, stop_on_error=tr.cfg.checkpoint.on_save_error == "stop",
+        log=driver.log.print if driver is not None else None,
+        previous=latest_checkpoint(root, cleanup=False) if driver is not None else None)
+    return seconds
+
+
+def _save_at_last_sync_point(tr: Trainer, driver: Driver | None, last_step: int) -> None:
+    """No engine is left: checkpoint the last completed step if it is a sync point not saved yet (a resumable
+    checkpoint must sit on one); otherwise the newest checkpoint is the one to resume from. Collective."""
+    cfg = tr.cfg
+    if last_step > 0 and last_step % cfg.loop.lag == 0 and not cfg.checkpoint.due(last_step):
+        save(tr, driver, last_step)
+    elif driver is not None:
+        driver.log.print(f"[oapl-train] no engine left after step {last_step}: resume from the newest checkpoint "
+                         f"under {cfg.checkpoint.resolve_dir(Path(cfg.run_dir))} (step {last_step} is not an "
+                         "unsaved sync point)")
 
 
 def setup_trainer(cfg: RunConfig) -> Trainer:
@@ -229,7 +272,8 @@ def setup_trainer(cfg: RunConfig) -> Trainer:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
     return Trainer(cfg, ctx, arch, state, make_vocab_padding(arch.vocab_size, ctx.tp), control, frozen,
-                   LoopProfiler(cfg, ctx.rank, ctx.world_size, arch))
+                   LoopProfiler(cfg, ctx.rank, ctx.world_size, arch),
+                   faults=FaultState(max_consecutive_skips=cfg.loop.max_consecutive_skips))
 
 
 def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
@@ -303,8 +347,14 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int):
     payload = None
     if driver is not None:
         t0 = time.perf_counter()
-        with tr.prof.phase("wait_for_data"):
-            groups = driver.producer.take(tr.cfg.train.prompts_per_step, tr.cfg.loop.wait_timeout_s)
+        try:
+            with tr.prof.phase("wait_for_data"):
+                groups = driver.producer.take(tr.cfg.train.prompts_per_step, tr.cfg.loop.wait_timeout_s)
+        except Exception as e:  # every rank learns of it now, instead of waiting for a batch until the timeout
+            _broadcast_object(_RolloutFailed(str(e), _no_engine_left(e)), tr)
+            if _no_engine_left(e):
+                raise EnginesLost(f"step {step}: {e}") from e
+            raise
         wait_s = time.perf_counter() - t0
         records = groups_to_records(groups, tr.cfg.objective)
         cur = driver.buffer.current_version
@@ -327,7 +377,26 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int):
         }
         payload = (records, info)
     with tr.prof.phase("batch_broadcast"):
-        return _broadcast_object(payload, tr)
+        payload = _broadcast_object(payload, tr)
+    if isinstance(payload, _RolloutFailed):  # ranks other than 0
+        raise (EnginesLost if payload.no_engine else RuntimeError)(f"step {step}: rank 0: {payload.message}")
+    return payload
+
+
+@dataclass
+class _RolloutFailed:
+    message: str
+    no_engine: bool
+
+
+def _no_engine_left(e: BaseException) -> bool:
+    from oapl_megatron.rollout.engine_group import NoEngineError
+
+    while e is not None:
+        if isinstance(e, NoEngineError):
+            return True
+        e = e.__cause__
+    return False
 
 
 def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
@@ -348,6 +417,7 @@ def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
         metrics = apply_update(tr.state, metrics)
     dt = time.perf_counter() - t0
     metrics.update(info)
+    tr.faults.after_step(step, metrics, log=driver.log.print if driver is not None else None)
     metrics["train_step_s"] = dt
     metrics["train_tokens_per_s"] = metrics["response_tokens"] / dt if dt > 0 else 0.0
     if driver is not None:
@@ -355,6 +425,8 @@ def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
         metrics["engine_idle_fraction"] = sum(u["idle_fraction"] for u in util.values()) / max(1, len(util))
         metrics["buffer_groups"] = len(driver.buffer)
         metrics["dropped_stale_groups"] = driver.buffer.dropped_stale
+        metrics.update(fault_metrics(driver.engines, driver.producer))
+        metrics["checkpoint_failures"] = tr.faults.checkpoint_failures
     return metrics
 
 

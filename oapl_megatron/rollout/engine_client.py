@@ -60,6 +60,7 @@ class EngineClient:
         self._outstanding_prompts = 0
         self._busy_s = 0.0
         self._t_start = time.perf_counter()
+        self.heartbeat_port: int | None = None  # the server's UDP heartbeat port (from its ping reply)
 
     # ---- identity / liveness
 
@@ -71,6 +72,11 @@ class EngineClient:
         if self.proc is not None:
             return self.proc.poll() is None
         return self._broken is None
+
+    @property
+    def broken(self) -> str | None:
+        """Why the connection can no longer be used (lost, timed out, closed), or None."""
+        return self._broken
 
     def _death_note(self) -> str:
         if self.proc is not None and self.proc.poll() is not None:
@@ -107,6 +113,7 @@ class EngineClient:
             raise EngineError(f"{self.describe()}: the server at {self.address[0]}:{self.address[1]} says it is "
                               f"engine {info['engine_id']}; set engine_id={self.engine_id} in its spec",
                               self.engine_id, "connect")
+        self.heartbeat_port = info.get("heartbeat_port")
 
     def call(self, op: str, timeout_s: float | None = None, /, **args):
         """Send one request and wait for its reply (≤ ``timeout_s``). Blocking; see :meth:`submit`."""
@@ -215,6 +222,20 @@ class EngineClient:
         return self.submit("abort_weights", timeout_s)
 
     # ---- teardown
+
+    def abandon(self, reason: str) -> None:
+        """The group declared this engine dead: never use the connection again, and in local mode SIGKILL the
+        process group at once (a stopped or wedged engine answers no polite request). Requests still waiting on
+        it fail with a lost connection. A cluster server is left running: it may come back and be re-attached."""
+        self._broken = self._broken or f"declared dead: {reason}"
+        if self.proc is not None:
+            stop_process(self.proc, 0.0)
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except OSError:
+                pass
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Ask the server to exit, then make sure the process (group) is gone. Idempotent."""

@@ -19,7 +19,9 @@ Cluster mode (started by hand / by a launcher on an inference node)::
 
 keeps serving successive trainer connections until a ``shutdown`` request.
 
-The authkey comes from the environment (``OAPL_ENGINE_AUTHKEY``, hex), never from the command line.
+The authkey comes from the environment (``OAPL_ENGINE_AUTHKEY``, hex), never from the command line. Besides the
+control plane, a daemon thread answers the trainer's UDP heartbeats (:mod:`oapl_megatron.rollout.liveness`; its port
+is in the ping reply), so a stopped or frozen engine is noticed even while no request is pending.
 On a machine without CUDA the engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): 2–3 s start
 and no extra processes, instead of 15–20 s.
 """
@@ -83,6 +85,7 @@ class EngineServer:
         self.spec = spec
         self.version = 0
         self.busy_s = 0.0
+        self.heartbeat = None  # liveness.HeartbeatResponder, started by serve() on the control listener's host
         self.llm = build_llm(LLMSettings(model=spec.model, tp=spec.tp, dtype=spec.dtype,
                                          max_model_len=spec.max_model_len, kv_cache_bytes=spec.kv_cache_bytes,
                                          enforce_eager=spec.enforce_eager, seed=spec.seed,
@@ -94,7 +97,8 @@ class EngineServer:
     # ---- handlers: keyword arguments of the Request; return value goes into Reply.value
 
     def op_ping(self) -> dict:
-        return {"engine_id": self.spec.engine_id, "version": self.version, "pid": os.getpid(), "busy_s": self.busy_s}
+        return {"engine_id": self.spec.engine_id, "version": self.version, "pid": os.getpid(), "busy_s": self.busy_s,
+                "heartbeat_port": self.heartbeat.port if self.heartbeat is not None else None}
 
     def op_version(self) -> int:
         return self.version
@@ -177,6 +181,11 @@ class EngineServer:
 
     def serve(self, listener, once: bool) -> None:
         """Serve connections; ``once``: exit when the first connection closes (local mode)."""
+        from oapl_megatron.rollout.liveness import HeartbeatResponder
+
+        if self.heartbeat is None:  # answered on its own thread, so a long generate does not look like a hang
+            self.heartbeat = HeartbeatResponder(listener.address[0], bytes.fromhex(os.environ[AUTHKEY_ENV]),
+                                                self.spec.engine_id)
         while True:
             conn = listener.accept()
             try:

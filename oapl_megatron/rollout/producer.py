@@ -10,6 +10,7 @@ engine, never swallowed.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Iterator
@@ -48,6 +49,7 @@ class RolloutProducer:
         self.prompts_sent = start_index
         self.samples_generated = 0
         self.gen_seconds = 0.0
+        self.reward_errors = 0  # samples whose reward function raised (scored 0, see _score)
         self._error: BaseException | None = None
         self.groups_per_version = groups_per_version
         self._made_for_version = 0
@@ -85,8 +87,7 @@ class RolloutProducer:
                 g = self.sampling.n
                 for i, prompt in enumerate(batch):
                     group = samples[i * g : (i + 1) * g]
-                    rewards = [self.task.reward(prompt, decode_completion(self.tokenizer, s.token_ids)).reward
-                               for s in group]
+                    rewards = [self._score(prompt, s) for s in group]
                     versions = {s.policy_version for s in group}
                     if len(versions) != 1:
                         raise RuntimeError(f"group of prompt {prompt.id} mixes policy versions {sorted(versions)}")
@@ -96,6 +97,19 @@ class RolloutProducer:
             if not self._stop.is_set():
                 self._error = exc
                 self.buffer.close()
+
+    def _score(self, prompt: Prompt, sample) -> float:
+        """The task's reward of one sample; a reward function that raises scores the sample 0 (a wrong answer) and
+        is counted in ``reward_errors`` instead of ending the run (the first few are printed)."""
+        try:
+            return self.task.reward(prompt, decode_completion(self.tokenizer, sample.token_ids)).reward
+        except Exception as e:
+            self.reward_errors += 1
+            if self.reward_errors <= 5:
+                print(f"warning: reward of prompt {prompt.id!r} sample {sample.sample_index} raised "
+                      f"{type(e).__name__}: {e}; scored 0 (reward error {self.reward_errors})", file=sys.stderr,
+                      flush=True)
+            return 0.0
 
     def _wait_for_budget(self) -> int:
         """How many prompts the next request may carry (0 = re-check the stop flag)."""
