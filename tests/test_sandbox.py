@@ -1,4 +1,4 @@
-"""Attack suite and basics of the code sandbox (oapl_megatron/tasks/sandbox.py), with real child processes.
+"""Attack suite and basics of the code sandbox (oapl_megatron/tasks/sandbox/), with real child processes.
 
 Every hostile program in tests/sandbox_attacks/ (each says what it attacks in its first line) is scored through
 ``code_reward`` against the expected output "PWNED": contained means reward 0 with a stated reason, the test
@@ -27,7 +27,8 @@ import pytest
 
 from oapl_megatron.config.sandbox import CodeRewardConfig, SandboxConfig
 from oapl_megatron.tasks.code_reward import code_reward
-from oapl_megatron.tasks.sandbox import SandboxUnavailable, _cgroup_v1_roots, isolation_report, run_many, run_sandboxed
+from oapl_megatron.tasks.sandbox import SandboxUnavailable, isolation_report, run_many, run_sandboxed
+from oapl_megatron.tasks.sandbox.resources import cgroup_v1_roots
 
 ATTACK_DIR = Path(__file__).parent / "sandbox_attacks"
 REPO = Path(__file__).resolve().parent.parent
@@ -216,7 +217,7 @@ def test_no_process_or_directory_left_behind(outcomes, env):
     assert {c.pid for c in psutil.Process().children(recursive=True)} - env.children_before == set()
     assert _sandbox_uid_procs() == []
     assert _sandbox_workdirs() - env.workdirs_before == set()
-    for _, root in _cgroup_v1_roots(("pids", "memory")):
+    for _, root in cgroup_v1_roots(("pids", "memory")):
         assert list(Path(root).glob(f"oapl_sbx_{os.getpid()}_*")) == []
 
 

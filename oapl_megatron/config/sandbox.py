@@ -1,8 +1,8 @@
 """Typed configs for running untrusted code: :class:`SandboxConfig` (limits, isolation) and :class:`CodeRewardConfig`.
 
 Used by :func:`oapl_megatron.tasks.sandbox.run_sandboxed` and :func:`oapl_megatron.tasks.code_reward.code_reward`.
-The defaults suit competitive-programming tests (one short Python program per test case). To wire into a run
-config, add ``code_reward: CodeRewardConfig`` to the task section of ``RunConfig``.
+The defaults suit competitive-programming tests (one short Python program per test case). A run config holds a
+:class:`CodeRewardConfig` in the code task's section (``task.code_reward``, see :mod:`oapl_megatron.config.task`).
 """
 
 from __future__ import annotations

@@ -304,7 +304,7 @@ def _program_and_stdin(code: str, case: CodeCase) -> tuple[str, bytes]:
 
 
 def _judge(case: CodeCase, res: SandboxResult, cfg: CodeRewardConfig) -> tuple[bool, str]:
-    if res.limit_hit is not None:  # set only for runs that did not end cleanly (see sandbox._classify)
+    if res.limit_hit is not None:  # set only for runs that did not end cleanly (see sandbox/execute.py::_classify)
         return False, _LIMIT_REASON.get(res.limit_hit, res.limit_hit)
     if res.signal is not None:
         return False, f"killed:{signal.Signals(res.signal).name}"
