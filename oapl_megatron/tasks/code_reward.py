@@ -38,6 +38,7 @@ import math
 import re
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -347,7 +348,8 @@ def code_reward(
 
     ``error`` is None when every test passed, else ``"test <i>: <reason>"`` for the first failure (reasons:
     wrong_answer, runtime_error, timeout, cpu_limit, memory_limit, output_limit, file_size_limit, process_limit,
-    open_files_limit, killed:<SIGNAL>, skipped; ``no_code`` when the response holds no program).
+    open_files_limit, killed:<SIGNAL>, program_timeout (``program_timeout_s`` ran out), skipped; ``no_code`` when
+    the response holds no program).
     Raises ValueError for malformed tests and SandboxUnavailable when the sandbox cannot start.
     """
     cfg = cfg or CodeRewardConfig()
@@ -361,14 +363,25 @@ def code_reward(
     results: list[SandboxResult | None] = [None] * len(cases)
     verdicts: list[tuple[bool, str]] = [(False, "skipped")] * len(cases)
     # Without partial credit one failure decides the reward, so run in waves of num_workers and stop early.
-    wave = len(cases) if (cfg.partial_credit or not cfg.stop_on_first_failure) else cfg.num_workers
+    early_exit = not cfg.partial_credit and cfg.stop_on_first_failure
+    wave = cfg.num_workers if (early_exit or cfg.program_timeout_s is not None) else len(cases)
+    deadline = None if cfg.program_timeout_s is None else time.monotonic() + cfg.program_timeout_s
     for start in range(0, len(cases), wave):
         idx = range(start, min(start + wave, len(cases)))
-        outs = run_many([jobs[i][0] for i in idx], [jobs[i][1] for i in idx], cfg.sandbox, cfg.num_workers)
+        limits = cfg.sandbox
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0.05:  # the response's budget is spent: the remaining tests fail without running
+                for i in range(start, len(cases)):
+                    verdicts[i] = (False, "program_timeout")
+                break
+            if left < limits.wall_timeout_s:
+                limits = limits.model_copy(update={"wall_timeout_s": left})
+        outs = run_many([jobs[i][0] for i in idx], [jobs[i][1] for i in idx], limits, cfg.num_workers)
         for i, res in zip(idx, outs):
             results[i] = res
             verdicts[i] = _judge(cases[i], res, cfg)
-        if not all(verdicts[i][0] for i in idx) and wave < len(cases):
+        if early_exit and not all(verdicts[i][0] for i in idx):
             break
     passed = sum(ok for ok, _ in verdicts)
     failed = len(cases) - passed
