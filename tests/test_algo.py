@@ -124,7 +124,7 @@ def test_value_estimate_matches_reference(beta1):
 
 
 def test_value_estimate_binary_closed_form():
-    # With 0/1 rewards and beta1 = 1: V = log(1 + p(e − 1)) for success rate p (notes/oapl.md).
+    # With 0/1 rewards and beta1 = 1: V = log(1 + p(e − 1)) for success rate p.
     rewards = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=F64)
     p = rewards.mean(-1)
     torch.testing.assert_close(value_estimate(rewards, 1.0), torch.log1p(p * (math.e - 1)), rtol=0, atol=1e-15)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig
-from oapl_megatron.rollout.engine import EngineGroup
+from oapl_megatron.rollout.engine_group import EngineGroup
 from oapl_megatron.rollout.engine_server import AUTHKEY_ENV, EngineSpec
 from oapl_megatron.rollout.types import GenerationRequest, SamplingSpec
 from oapl_megatron.weight_sync.sync import SyncError, SyncHooks
@@ -106,7 +106,7 @@ def _start_cluster_server(tmp_path, authkey: bytes):
     (tmp_path / "spec.json").write_text(json.dumps(asdict(spec)))
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:  # a file, not a pipe: vLLM logs a lot and a full pipe would block it
-        proc = subprocess.Popen([sys.executable, "-m", "oapl_megatron.rollout.engine_server", "--spec",
+        proc = subprocess.Popen([sys.executable, "-m", "oapl_megatron.entrypoints.engine_server", "--spec",
                                  str(tmp_path / "spec.json"), "--host", "127.0.0.1", "--port", "0"],
                                 stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, AUTHKEY_ENV: authkey.hex(), "PYTHONPATH": str(REPO)})
@@ -244,7 +244,7 @@ _SCRIPT = textwrap.dedent("""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {repo!r})
     from oapl_megatron.config.rollout import RolloutConfig
-    from oapl_megatron.rollout.engine import EngineGroup
+    from oapl_megatron.rollout.engine_group import EngineGroup
     mode = sys.argv[1]
     cfg = RolloutConfig(engines=1, dtype="float32", enforce_eager=True, max_model_len=128,
                         kv_cache_bytes=32 * 2**20, start_timeout_s=300)
@@ -312,7 +312,7 @@ def test_gpu_engine_nccl_sync(tmp_path):
     cfg = RolloutConfig(engines=1, dtype="bfloat16", max_model_len=128, gpu_memory_utilization=0.3,
                         enforce_eager=True, start_timeout_s=900)
     group = EngineGroup(str(tmp_path / "model"), cfg, WeightSyncConfig(bucket_mb=1, backend="nccl", timeout_s=120),
-                        log_dir=tmp_path / "logs", env={"CUDA_VISIBLE_DEVICES": "1"})
+                        log_dir=tmp_path / "logs", engine_devices=["1"])
     with group:
         before = group.generate(_requests(), GREEDY)
         assert _max_err(model, before) <= 5e-2  # bf16 engine vs fp32 oracle

@@ -112,14 +112,14 @@ def test_oapl_eval_end_to_end(tiny_model, tmp_path):
 
 def test_code_task_scoring_path(tmp_path):
     # The code branch of the evaluator without an engine: tests come from the data file's tests field.
-    from oapl_megatron.config.data import EvalConfig
+    from oapl_megatron.config.data import OfflineEvalConfig
     from oapl_megatron.tasks.datasets import build_prompts, load_rows
-    from oapl_megatron.tasks.evaluate import _score
+    from oapl_megatron.orchestrator.offline_eval import _score
     from oapl_megatron.tasks.tokenizer import build_char_tokenizer
 
     tests = {"inputs": ["2 3\n"], "outputs": ["5\n"]}
     data = write_jsonl(tmp_path / "code.jsonl", [{"question": "add two numbers", "tests": json.dumps(tests)}])
-    cfg = EvalConfig(model="m", task="code", out=str(tmp_path), ks=[1], sampling={"n": 1},
+    cfg = OfflineEvalConfig(model="m", task="code", out=str(tmp_path), ks=[1], sampling={"n": 1},
                      data=[{"source": data, "fields": {"prompt": "question", "answer": None, "tests": "tests"}}])
     rows, _ = load_rows(cfg.data[0])
     (prompt,), _ = build_prompts(rows, build_char_tokenizer(tmp_path / "tok", alphabet=ALPHABET), cfg.data[0])
@@ -128,7 +128,7 @@ def test_code_task_scoring_path(tmp_path):
     reward, ok, info = _score(cfg, prompt, "```python\nprint(6)\n```")
     assert (reward, ok, info["passed"], info["failed"]) == (0.0, False, 0, 1)
     with pytest.raises(ValueError, match="task=code needs a tests field"):
-        EvalConfig(model="m", task="code", out="o", data=[{"source": data}])
+        OfflineEvalConfig(model="m", task="code", out="o", data=[{"source": data}])
 
 
 def test_oapl_eval_rejects_bad_arguments(tmp_path):

@@ -1,5 +1,5 @@
 """Typed configs of the prompt data, the math reward and offline evaluation: :class:`DatasetConfig`,
-:class:`MathRewardConfig` and :class:`EvalConfig` (the ``oapl-eval`` run: model, datasets, sampling, engine).
+:class:`MathRewardConfig` and :class:`OfflineEvalConfig` (the ``oapl-eval`` run: model, datasets, sampling, engine).
 
 ``DatasetConfig`` says where prompts come from (local jsonl / parquet / arrow files, or a hub dataset name), which
 row fields hold the prompt, answer, tests and id, how prompts are rendered (chat template, system and instruction
@@ -166,7 +166,7 @@ class EngineSettings(StrictModel):
     enforce_eager: bool | None = Field(None, description="None = eager on CPU (no compile), CUDA graphs on GPU.")
 
 
-class EvalConfig(StrictModel):
+class OfflineEvalConfig(StrictModel):
     """One ``oapl-eval`` run: model, datasets (each one a benchmark), task, sampling, which pass@k to report."""
 
     model: str = Field(..., min_length=1, description="Hugging Face model directory (config, weights, tokenizer).")
@@ -181,7 +181,7 @@ class EvalConfig(StrictModel):
     save_samples: bool = Field(True, description="Write every response and its score to samples.jsonl.")
 
     @model_validator(mode="after")
-    def _check(self) -> "EvalConfig":
+    def _check(self) -> "OfflineEvalConfig":
         too_big = [k for k in self.ks if k > self.sampling.n]
         if too_big:
             raise ValueError(

@@ -32,7 +32,7 @@ class LoopConfig(StrictModel):
         return self
 
 
-class EvalConfig(StrictModel):
+class HeldOutEvalConfig(StrictModel):
     """Held-out evaluation with the engines (they serve the last synced weights; the loop syncs before it)."""
 
     every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (and at the start and end); 0 = never.")

@@ -16,7 +16,7 @@ from oapl_megatron.config.base import StrictModel
 from oapl_megatron.config.checkpoint import CheckpointConfig
 from oapl_megatron.config.code import CodeDatasetTaskConfig, SyntheticCodeTaskConfig
 from oapl_megatron.config.data import MathDatasetTaskConfig
-from oapl_megatron.config.loop import EvalConfig, ExportConfig, LoggingConfig, LoopConfig
+from oapl_megatron.config.loop import ExportConfig, HeldOutEvalConfig, LoggingConfig, LoopConfig
 from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig
 from oapl_megatron.config.task import SyntheticTaskConfig
 
@@ -156,7 +156,7 @@ class RunConfig(StrictModel):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="vLLM engines and sampling.")
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="Trainer → engine sync.")
     loop: LoopConfig = Field(default_factory=LoopConfig, description="Lag schedule and rollout buffer.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    eval: HeldOutEvalConfig = Field(default_factory=HeldOutEvalConfig, description="Held-out evaluation.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, TensorBoard, progress.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Final Hugging Face export.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Resumable checkpoints.")

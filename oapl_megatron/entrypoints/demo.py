@@ -33,7 +33,7 @@ def build_warm_start(cfg, out: Path, log) -> dict:
 
     from oapl_megatron.tasks.synthetic import SyntheticArithmeticTask
     from oapl_megatron.tasks.tokenizer import build_char_tokenizer
-    from oapl_megatron.trainer.warmstart import warm_start
+    from oapl_megatron.orchestrator.warmstart import warm_start
 
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(1)  # tiny matrices: a second thread costs more in synchronisation than it gives
@@ -80,7 +80,7 @@ def plot(run_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     train = [r for r in rows if r.get("reward_mean") is not None]
     axes[0].plot([r["step"] for r in train], [r["reward_mean"] for r in train], lw=1)
     axes[0].set(title="training reward (mean over samples)", xlabel="optimizer step")
@@ -95,6 +95,11 @@ def plot(run_dir: Path) -> Path:
     axes[2].plot([r["step"] for r in kl], [r["entropy"] for r in kl], lw=1, label="token entropy")
     axes[2].set(title="drift from the lagged policy", xlabel="optimizer step")
     axes[2].legend()
+    lag = [r for r in train if r.get("lag_steps_mean") is not None]
+    axes[3].plot([r["step"] for r in lag], [r["lag_steps_mean"] for r in lag], lw=1, label="mean")
+    axes[3].plot([r["step"] for r in lag], [r["lag_steps_max"] for r in lag], lw=1, ls="--", label="max")
+    axes[3].set(title="sample age (optimizer steps since the generating weights)", xlabel="optimizer step")
+    axes[3].legend()
     fig.tight_layout()
     out = run_dir / "learning_curve.png"
     fig.savefig(out, dpi=100)
@@ -108,12 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted overrides for the RL run (e.g. train.steps=60)")
     args = ap.parse_args(argv)
 
+    from oapl_megatron import console
+
+    console.install()
     from oapl_megatron.config.loader import load_config
     from oapl_megatron.config.schema import RunConfig
 
     t0 = time.time()
     cfg = load_config(RunConfig, args.config, args.overrides)
     run_dir = Path(cfg.run_dir)
+    console.set_run_dir(run_dir)
     warm_dir = Path(cfg.model.hf_path)
     if args.fresh or not _reusable(warm_dir, cfg):
         print(f"[demo] warm start → {warm_dir}", flush=True)

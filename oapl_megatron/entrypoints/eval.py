@@ -5,9 +5,9 @@
         [--prompt-field problem --answer-field answer] [--instruction 'Put the final answer in \\boxed{}.']
 
 Each ``--data`` file is one benchmark: pass@k is reported for each and over all problems. Writes
-``results.json``, ``results.md`` and ``samples.jsonl`` into ``--out`` (see :mod:`oapl_megatron.tasks.evaluate`).
-This module only parses arguments into an :class:`~oapl_megatron.config.data.EvalConfig` and calls
-:func:`oapl_megatron.tasks.evaluate.run_eval`; torch and vLLM are imported after parsing (``--help`` is instant).
+``results.json``, ``results.md`` and ``samples.jsonl`` into ``--out`` (see :mod:`oapl_megatron.orchestrator.offline_eval`).
+This module only parses arguments into an :class:`~oapl_megatron.config.data.OfflineEvalConfig` and calls
+:func:`oapl_megatron.orchestrator.offline_eval.run_eval`; torch and vLLM are imported after parsing (``--help`` is instant).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`EvalConfig` of parsed arguments (validation errors name the option's config field)."""
-    from oapl_megatron.config.data import EvalConfig
+    """The :class:`OfflineEvalConfig` of parsed arguments (validation errors name the option's config field)."""
+    from oapl_megatron.config.data import OfflineEvalConfig
 
     fields = {
         "prompt": args.prompt_field,
@@ -71,7 +71,7 @@ def config_from_args(args: argparse.Namespace):
         for path in args.data
     ]
     ks = args.k if args.k is not None else sorted({1, args.n})
-    return EvalConfig(
+    return OfflineEvalConfig(
         model=args.model, tokenizer=args.tokenizer, task=args.task, data=data, ks=ks, out=args.out,
         sampling={"n": args.n, "temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens,
                   "seed": args.seed},
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from oapl_megatron.tasks.datasets import DataError
-    from oapl_megatron.tasks.evaluate import EvalError, run_eval
+    from oapl_megatron.orchestrator.offline_eval import EvalError, run_eval
 
     try:
         results = run_eval(cfg)

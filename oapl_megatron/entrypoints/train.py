@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="continue from the newest complete checkpoint of the run (also with another DP size)")
     args = ap.parse_args(argv)
 
+    from oapl_megatron import console
+
+    console.install()  # before megatron-core is imported: it warns at import time
     from oapl_megatron.config.loader import ConfigError, describe_fields, load_config
     from oapl_megatron.config.schema import RunConfig
 
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oapl-train: {e}", file=sys.stderr)
         return 2
 
-    from oapl_megatron.trainer.loop import run
+    console.set_run_dir(cfg.run_dir)
+    from oapl_megatron.orchestrator.loop import run
 
     run(cfg)
     return 0

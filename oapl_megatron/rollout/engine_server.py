@@ -1,21 +1,21 @@
 """One vLLM engine in its own process, served over a small authenticated control plane.
 
-The trainer talks to it with :class:`oapl_megatron.rollout.engine.EngineClient`. Transport: a
+The trainer talks to it with :class:`oapl_megatron.rollout.engine_client.EngineClient`. Transport: a
 ``multiprocessing.connection`` Listener (HMAC authkey handshake, pickled :class:`~oapl_megatron.rollout.types.Request`
 / :class:`~oapl_megatron.rollout.types.Reply` envelopes). The server is single-threaded and handles one request at
 a time, so weights never change in the middle of a generate call and every Sample carries the one version that
 produced it.
 
-Local mode (spawned by the trainer)::
+Local mode (spawned by the trainer, :mod:`oapl_megatron.rollout.engine_process`)::
 
-    python -m oapl_megatron.rollout.engine_server --spec spec.json --ready-file ready.json --parent-pid PID
+    python -m oapl_megatron.entrypoints.engine_server --spec spec.json --ready-file ready.json --parent-pid PID
 
 binds a free port on 127.0.0.1, writes ``{"host", "port", "pid"}`` to the ready file once vLLM is up, dies with
 its parent (``PR_SET_PDEATHSIG``) and exits when the trainer disconnects.
 
 Cluster mode (started by hand / by a launcher on an inference node)::
 
-    OAPL_ENGINE_AUTHKEY=<hex> python -m oapl_megatron.rollout.engine_server --spec spec.json --host 0.0.0.0 --port 5555
+    OAPL_ENGINE_AUTHKEY=<hex> python -m oapl_megatron.entrypoints.engine_server --spec spec.json --host 0.0.0.0 --port 5555
 
 keeps serving successive trainer connections until a ``shutdown`` request.
 
@@ -26,13 +26,9 @@ and no extra processes, instead of 15–20 s.
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import dataclasses
 import json
 import os
-import signal
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -69,47 +65,20 @@ class EngineSpec:
         return EngineSpec(**data)
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL us when the parent dies (Linux); then close the race where it already died."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass  # not Linux: the connection-closed exit below still applies
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def _has_tokenizer(model: str) -> bool:
-    p = Path(model)
-    return not p.is_dir() or any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                           "tokenizer.model"))
-
-
 class EngineServer:
     """Owns the vLLM ``LLM`` and dispatches control-plane requests to ``op_<name>`` methods."""
 
     def __init__(self, spec: EngineSpec):
-        import torch
-
-        if not torch.cuda.is_available():
-            if spec.tp != 1:
-                raise ValueError(f"engine {spec.engine_id}: tp={spec.tp} on CPU is not supported here (tp=1 only)")
-            # In-process engine core: no EngineCore child process to orphan, 2-3 s start instead of 15-20 s.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from vllm import LLM
+        from oapl_megatron.rollout.llm_factory import LLMSettings, build_llm
 
         self.spec = spec
         self.version = 0
         self.busy_s = 0.0
-        kwargs = dict(model=spec.model, tensor_parallel_size=spec.tp, dtype=spec.dtype,
-                      max_model_len=spec.max_model_len, enforce_eager=spec.enforce_eager, seed=spec.seed,
-                      worker_extension_cls=WORKER_EXTENSION, skip_tokenizer_init=not _has_tokenizer(spec.model),
-                      gpu_memory_utilization=spec.gpu_memory_utilization)
-        if spec.kv_cache_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = spec.kv_cache_bytes
-        self.llm = LLM(**kwargs)
+        self.llm = build_llm(LLMSettings(model=spec.model, tp=spec.tp, dtype=spec.dtype,
+                                         max_model_len=spec.max_model_len, kv_cache_bytes=spec.kv_cache_bytes,
+                                         enforce_eager=spec.enforce_eager, seed=spec.seed,
+                                         gpu_memory_utilization=spec.gpu_memory_utilization,
+                                         worker_extension_cls=WORKER_EXTENSION), label=f"engine {spec.engine_id}")
 
     # ---- handlers: keyword arguments of the Request; return value goes into Reply.value
 
@@ -209,38 +178,3 @@ class EngineServer:
                 conn.close()
             if once:
                 return
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Serve one vLLM engine over the oapl control plane.")
-    ap.add_argument("--spec", required=True, help="engine spec JSON (see EngineSpec)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=0, help="0 = any free port (reported in --ready-file)")
-    ap.add_argument("--ready-file", default=None, help="local mode: write {host, port, pid} here when ready")
-    ap.add_argument("--parent-pid", type=int, default=None, help="local mode: die with this parent")
-    args = ap.parse_args(argv)
-
-    if args.parent_pid is not None:
-        _die_with_parent(args.parent_pid)
-    key_hex = os.environ.get(AUTHKEY_ENV)
-    if not key_hex:
-        sys.exit(f"engine server: set {AUTHKEY_ENV} (hex) to the control-plane authkey")
-    # SIGTERM → SystemExit so vLLM's shutdown and our finally blocks run.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    from multiprocessing.connection import Listener
-
-    spec = EngineSpec.load(args.spec)
-    server = EngineServer(spec)
-    with Listener((args.host, args.port), authkey=bytes.fromhex(key_hex)) as listener:
-        host, port = listener.address
-        if args.ready_file:
-            tmp = Path(args.ready_file + ".tmp")
-            tmp.write_text(json.dumps({"host": host, "port": port, "pid": os.getpid()}))
-            tmp.replace(args.ready_file)  # atomic: the trainer never reads a half-written file
-        print(f"engine {spec.engine_id} serving on {host}:{port} (pid {os.getpid()})", flush=True)
-        server.serve(listener, once=args.ready_file is not None)
-
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,7 @@ Pipeline (one :class:`~oapl_megatron.config.data.DatasetConfig` drives all of it
     rows, stats = load_rows(cfg)                       # validated dicts: prompt, answer, tests, id, source, line
     prompts, stats = build_prompts(rows, tokenizer, cfg, stats)   # rendered text + token ids; long ones dropped
     stream = PromptStream(prompts, seed=cfg.seed)      # deterministic epochs with a cursor
-    batch = stream.next_batch(16); state = stream.state_dict()    # save with the checkpoint, restore exactly
+    batch = stream.next_batch(16)                       # endless, seeded epochs
 
 or, as a :class:`~oapl_megatron.tasks.base.Task`: ``MathDatasetTask(train_cfg, tokenizer, eval_cfg=...)``.
 
@@ -35,7 +35,6 @@ kept in ``Prompt.meta["prompt_token_ids"]`` so the engine can be given exactly w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -399,16 +398,14 @@ def load_prompts(cfg: DatasetConfig, tokenizer: Any) -> tuple[list[Prompt], Data
 
 
 class PromptStream:
-    """Endless, deterministic epochs over a fixed prompt list, with a cursor that a checkpoint can save.
+    """Endless, deterministic epochs over a fixed prompt list.
 
     Epoch ``e`` visits every prompt exactly once, in the order ``permutation(N)`` of a generator seeded with
     ``(seed, e)`` (or in file order when ``shuffle=False``). The cursor is ``(epoch, position)``; a batch that
-    crosses the end of an epoch takes the rest of epoch ``e`` and then the start of epoch ``e + 1``. Because the
-    order of an epoch is a pure function of ``(seed, epoch)``, :meth:`state_dict` needs no RNG state and
-    :meth:`load_state_dict` continues exactly where the saved stream would have.
+    crosses the end of an epoch takes the rest of epoch ``e`` and then the start of epoch ``e + 1``. The order is a
+    pure function of ``(seed, epoch)``, so a resumed run that skips the ``k`` prompts it already consumed continues
+    exactly where the interrupted one was (the loop resumes this way).
     """
-
-    STATE_VERSION = 1
 
     def __init__(self, prompts: Sequence[Prompt], seed: int, shuffle: bool = True):
         if not prompts:
@@ -417,8 +414,6 @@ class PromptStream:
         self.seed, self.shuffle = int(seed), bool(shuffle)
         self.epoch, self.position = 0, 0
         self._order = self._epoch_order(0)
-        # Restoring onto a different dataset would silently change what "position" means: fingerprint the ids.
-        self._fingerprint = hashlib.sha256("\n".join(p.id for p in self._prompts).encode()).hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self._prompts)
@@ -447,36 +442,6 @@ class PromptStream:
         while True:
             yield self.next_batch(1)[0]
 
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serializable cursor: ``{version, seed, shuffle, epoch, position, num_prompts, fingerprint}``."""
-        return {
-            "version": self.STATE_VERSION,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "epoch": self.epoch,
-            "position": self.position,
-            "num_prompts": len(self._prompts),
-            "fingerprint": self._fingerprint,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved cursor. The prompt list must be the one the state was saved with."""
-        if state.get("version") != self.STATE_VERSION:
-            raise ValueError(f"PromptStream state version {state.get('version')!r}, expected {self.STATE_VERSION}")
-        if state["num_prompts"] != len(self._prompts) or state["fingerprint"] != self._fingerprint:
-            raise ValueError(
-                f"PromptStream state was saved for {state['num_prompts']} prompts (fingerprint "
-                f"{state['fingerprint']}), this stream has {len(self._prompts)} ({self._fingerprint}): the dataset, "
-                "its filters (max_prompt_tokens, limit, on_bad_row) or the tokenizer changed since the checkpoint"
-            )
-        if not 0 <= state["position"] <= state["num_prompts"] or state["epoch"] < 0:
-            raise ValueError(
-                f"PromptStream state has an invalid cursor epoch={state['epoch']} position={state['position']}"
-            )
-        self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._epoch_order(self.epoch)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The math dataset task
@@ -487,7 +452,7 @@ class MathDatasetTask(Task):
     """Math problems from a dataset, scored by :func:`oapl_megatron.tasks.math_reward.math_reward`.
 
     ``train_prompts(seed)`` is an endless :class:`PromptStream` over the training set; use :meth:`prompt_stream` to
-    get the stream object itself (for its ``state_dict``). ``eval_prompts()`` is the evaluation set in file order
+    get the stream object itself. ``eval_prompts()`` is the evaluation set in file order
     (empty without ``eval_cfg``). Rows need a prompt and an answer field.
     """
 

@@ -1,4 +1,4 @@
-"""Synthetic multi-step arithmetic with a verifiable reward: the task of the CPU demo. A tiny model learns it on CPU in minutes.
+"""Synthetic multi-step arithmetic with a verifiable reward: the task of the CPU demo.
 
 A prompt is a chain of integer operands, evaluated left to right; the expected completion writes one partial
 result per line and ends with ``#<answer>``::

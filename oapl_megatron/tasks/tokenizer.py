@@ -101,3 +101,21 @@ def decode_completion(tokenizer, token_ids: Sequence[int]) -> str:
     ``skip_special_tokens=False`` yields ``"...</s>"`` exactly when the model emitted EOS.
     """
     return tokenizer.decode(list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """The token ids the engines (and the warm start) see for ``prompt`` — the one prompt encoding.
+
+    A task that rendered the prompt (a chat template, a length filter) keeps the ids it checked in
+    ``prompt.meta["prompt_token_ids"]``: those are used as they are, so a template that already emits BOS is not
+    given a second one. A raw-text prompt (the synthetic tasks) is tokenized without special tokens and gets exactly
+    one BOS in front when the tokenizer has one.
+    """
+    ids = prompt.meta.get("prompt_token_ids")
+    if ids is not None:
+        return list(ids)
+    ids = tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids

@@ -72,7 +72,7 @@ def hf_logprobs(model, tokens):
 
 
 def main():
-    from oapl_megatron.rollout.engine import EngineGroup
+    from oapl_megatron.rollout.engine_group import EngineGroup
 
     ctx = init_distributed(ParallelConfig(tp=1, pp=1, timeout_s=300), seed=0)
     results = {}

@@ -14,8 +14,8 @@ from pathlib import Path
 from oapl_megatron.config.loop import LoggingConfig
 
 # Shown in the progress line, in this order, when present.
-_CONSOLE_KEYS = ("loss", "reward_mean", "policy_version", "staleness_mean", "kl_k1", "entropy", "grad_norm",
-                 "eval_accuracy", "engine_idle_fraction")
+_CONSOLE_KEYS = ("loss", "reward_mean", "policy_version", "lag_steps_mean", "lag_steps_max", "kl_k1", "entropy",
+                 "grad_norm", "eval_accuracy", "engine_idle_fraction")
 
 
 def _clean(v):
@@ -62,7 +62,7 @@ class MetricsLogger:
 
     def print(self, text: str) -> None:
         if self._progress is not None:
-            self._progress.console.print(text)
+            self._progress.console.print(text, markup=False, highlight=False)
         else:
             print(text, flush=True)
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from oapl_megatron.rollout.driver import encode_prompt
+from oapl_megatron.tasks.tokenizer import encode_prompt
 
 
 def _encode(tokenizer, prompt, completion: str) -> tuple[list[int], int]:

