@@ -63,14 +63,15 @@ def test_scorer_failure_stops_the_pool_and_names_the_group():
             raise ValueError("sandbox exploded")
         return RewardResult(1.0)
 
-    got = []
-    pool = RewardPool(score, workers=2, deliver=lambda p, r: got.append(p)).start()
+    got, errors = [], []
+    pool = RewardPool(score, workers=2, deliver=lambda p, r: got.append(p), on_error=errors.append).start()
     pool.submit(Prompt("a", "", ""), ["ok", "ok"], 0)
     pool.submit(Prompt("b", "", ""), ["ok", "boom"], 1)
     pool.submit(Prompt("c", "", ""), ["ok"], 2)
     with pytest.raises(RewardPoolError, match=r"group 1 \(prompt b\) ValueError: sandbox exploded"):
         pool.drain(timeout=30)
     assert got == [0]  # the failed group and everything after it were not delivered
+    assert len(errors) == 1 and "prompt b" in str(errors[0])  # the consumer was told once
     with pytest.raises(RewardPoolError):
         pool.submit(Prompt("d", "", ""), ["ok"], 3)
     pool.close()

@@ -40,8 +40,6 @@ class RewardPoolConfig(StrictModel):
         None, ge=1, le=256,
         description="Responses scored at once (each a thread that runs sandboxed programs); None = os.cpu_count().",
     )
-    timeout_s: float = Field(
-        3600.0, gt=0, description="Longest wait for one group's scores; past it the run fails naming the group.")
 
     def resolved_workers(self) -> int:
         """``workers``, or the machine's cores when unset."""

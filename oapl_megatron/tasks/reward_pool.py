@@ -63,10 +63,14 @@ class RewardPool:
     holds one :class:`RewardResult` per response, in the order the responses were submitted.
     """
 
-    def __init__(self, score: ScoreFn, workers: int, deliver: DeliverFn, timeout_s: float = 3600.0) -> None:
+    def __init__(self, score: ScoreFn, workers: int, deliver: DeliverFn, timeout_s: float = 3600.0,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        """``timeout_s`` bounds one group's scoring from its submission; ``on_error(exc)`` is called once, on the
+        delivery thread, when the pool fails (e.g. to wake a consumer that waits for groups)."""
         if workers < 1:
             raise ValueError(f"RewardPool: workers must be >= 1, got {workers}")
         self.score, self.workers, self.deliver, self.timeout_s = score, workers, deliver, timeout_s
+        self.on_error = on_error
         self._exec = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward")
         self._queue: collections.deque[_Pending] = collections.deque()
         self._cv = threading.Condition()
@@ -166,25 +170,18 @@ class RewardPool:
                 done = [f.result(timeout=max(0.0, head.submitted_at + self.timeout_s - time.monotonic()))
                         for f in head.futures]
             except BaseException as exc:  # the scorer raised, or the group took too long
-                with self._cv:
-                    if self._closed:
-                        return
-                    what = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-                    self._error = RewardPoolError(
-                        f"scoring group {head.ticket} (prompt {head.prompt.id}) {what}"
-                        + (f" (reward_pool.timeout_s={self.timeout_s})" if isinstance(exc, TimeoutError) else ""))
-                    self._error.__cause__ = exc
-                    self._cv.notify_all()
+                if isinstance(exc, TimeoutError):
+                    what = f"timed out (timeout_s={self.timeout_s})"
+                else:
+                    what = f"{type(exc).__name__}: {exc}"
+                self._fail(f"scoring group {head.ticket} (prompt {head.prompt.id}) {what}", exc)
                 return
             results = [r for r, _ in done]
             try:
                 self.deliver(head.payload, results)
             except BaseException as exc:
-                with self._cv:
-                    self._error = RewardPoolError(f"delivering group {head.ticket} (prompt {head.prompt.id}) "
-                                                  f"failed: {type(exc).__name__}: {exc}")
-                    self._error.__cause__ = exc
-                    self._cv.notify_all()
+                self._fail(f"delivering group {head.ticket} (prompt {head.prompt.id}) failed: "
+                           f"{type(exc).__name__}: {exc}", exc)
                 return
             with self._cv:
                 self._queue.popleft()
@@ -200,6 +197,17 @@ class RewardPool:
                     self.busy_s += time.monotonic() - self._busy_since
                     self._busy_since = None
                 self._cv.notify_all()
+
+    def _fail(self, message: str, cause: BaseException) -> None:
+        with self._cv:
+            if self._closed:  # close() cancelled the futures: not a failure
+                return
+            self._error = RewardPoolError(message)
+            self._error.__cause__ = cause
+            self._cv.notify_all()
+        logger.error("reward pool: %s", message)
+        if self.on_error is not None:
+            self.on_error(self._error)
 
     # -- reporting -------------------------------------------------------------------------------------------------
 
