@@ -15,7 +15,8 @@ is re-raised by :meth:`RewardPool.check` (the producer surfaces it to the traine
     pool.stats()   # groups/responses scored, sandbox programs run, programs per second, reasons
     pool.close()
 
-Accounting: ``submitted == delivered + pending`` at every moment; each response is scored exactly once.
+Accounting: ``submitted == delivered + pending`` while open (``+ dropped_at_close`` after :meth:`close`); each
+response is scored exactly once.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class RewardPool:
         self.sandbox_runs = 0  # programs run, from RewardResult.info["sandbox_runs"] when the task reports it
         self.reasons: collections.Counter = collections.Counter()
         self.delivered_tickets: list[int] = []  # kept short: the last 10,000, for ordering checks
+        self.dropped_at_close = 0  # groups still pending when close() was called (not delivered, on purpose)
         self.busy_s = 0.0  # wall time with at least one group pending (the pool's throughput denominator)
         self._busy_since: float | None = None
 
@@ -149,6 +151,7 @@ class RewardPool:
         """Stop: groups not yet delivered are dropped (the run is ending), running programs finish or time out."""
         with self._cv:
             self._closed = True
+            self.dropped_at_close = len(self._queue)
             for p in self._queue:
                 for f in p.futures:
                     f.cancel()
@@ -220,7 +223,8 @@ class RewardPool:
                 "workers": self.workers,
                 "groups_submitted": self.submitted,
                 "groups_delivered": self.delivered,
-                "groups_pending": self.submitted - self.delivered,
+                "groups_pending": self.submitted - self.delivered - self.dropped_at_close,
+                "groups_dropped_at_close": self.dropped_at_close,
                 "responses_scored": self.responses_scored,
                 "sandbox_runs": self.sandbox_runs,
                 "score_s_per_response": self.score_seconds / self.responses_scored if self.responses_scored else 0.0,
