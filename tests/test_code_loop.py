@@ -84,7 +84,7 @@ def test_real_code_run_contains_hostile_programs_and_goes_on(tmp_path):
         "task.operations=sum,max,min,sub,mul", "task.max_args=2", "task.max_value=9", "task.eval_size=10",
         "task.reward_pool.workers=2", "task.reward.sandbox.wall_timeout_s=2", "task.reward.sandbox.cpu_time_s=1",
         "rollout.max_tokens=100", "rollout.max_model_len=128", "eval.every=0", "export.final_hf=false",
-        "logging.progress=false",
+        "optim.scheduler.warmup_steps=1", "logging.progress=false",
     ]
     run_torchrun(REPO / "oapl_megatron" / "entrypoints" / "train.py", 1, tmp_path, args=args, timeout=900)
 

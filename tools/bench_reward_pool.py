@@ -2,7 +2,7 @@
 
 A fixed set of real-looking competitive-programming answers is scored against stdin/stdout tests (3 tests each)
 with :func:`oapl_megatron.tasks.code_reward.code_reward`, exactly as the code task scores a response (early exit
-on the first failing test, per-test wall limit 2 s):
+on the first failing test, per-test wall limit 20 s so that load never changes a verdict):
 
 * ``correct``  reads n numbers and prints their sum (passes all 3 tests);
 * ``wrong``    prints the maximum instead (fails the first test: early exit, 1 program);
@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     from oapl_megatron.config.sandbox import CodeRewardConfig, SandboxConfig
     from oapl_megatron.tasks.sandbox import isolation_report
 
-    sandbox = SandboxConfig(wall_timeout_s=2.0, cpu_time_s=2, memory_bytes=256 * 2**20)
+    # A generous wall limit: on a shared machine a starved "slow" program must not time out, or the rewards (checked
+    # equal across configurations) would depend on the load instead of the programs.
+    sandbox = SandboxConfig(wall_timeout_s=20.0, cpu_time_s=2, memory_bytes=256 * 2**20)
     # One test at a time inside a response: parallelism comes from the pool, as in training.
     cfg = CodeRewardConfig(num_workers=1, stop_on_first_failure=True, sandbox=sandbox)
     score = make_scorer(cfg)
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
             rewards = [r.reward for r in results]
             reference = reference or rewards
             if rewards != reference:
-                raise RuntimeError(f"{label}: rewards differ from the serial loop's")
+                reasons = sorted({r.info["reason"] for r in results})
+                raise RuntimeError(f"{label}: rewards differ from the serial loop's (verdicts seen: {reasons})")
             walls.append(wall)
             runs = sum(r.info["sandbox_runs"] for r in results)
         wall = sorted(walls)[len(walls) // 2]
