@@ -294,3 +294,25 @@ def test_cpu_limit_fires():
     d = r["details"][0]
     assert (r["reward"], d["reason"], d["killed_reason"]) == (0.0, "cpu_limit", "signal:SIGXCPU"), d
     assert 0.8 <= d["cpu_s"] < 3.0 and d["wall_s"] < 15.0  # rusage is tick-granular
+
+
+def test_slots_are_exclusive_across_processes(tmp_path):
+    """A slot (its uid) held by another process is never handed out here, and is free again once it exits."""
+    from oapl_megatron.tasks.sandbox.resources import SlotPool
+
+    base = 61000 + 7000  # a uid range no other test uses
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from oapl_megatron.tasks.sandbox.resources import SlotPool; "
+         f"p = SlotPool(); print(p.acquire(2, {base})); sys.stdout.flush(); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        here = SlotPool()
+        assert here.acquire(2, base) == 1  # slot 0 is locked by the other process
+        with pytest.raises(TimeoutError, match="no free sandbox slot"):
+            here.acquire(2, base, timeout_s=0.3)
+        here.release(1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert SlotPool().acquire(2, base, timeout_s=5) == 0  # the kernel dropped the dead holder's lock

@@ -63,7 +63,7 @@ def run_one(
     iso: Isolation, program: str, stdin: bytes, limits: SandboxConfig, argv_extra: Sequence[str]
 ) -> SandboxResult:
     """Run ``program`` once at isolation level ``iso``; raises :class:`SandboxUnavailable` for setup failures."""
-    slot = SLOTS.acquire(limits.max_slots) if iso.drop_uid else None
+    slot = SLOTS.acquire(limits.max_slots, limits.uid_base) if iso.drop_uid else None
     uid = gid = None if slot is None else limits.uid_base + slot
     workdir = tempfile.mkdtemp(prefix="oapl_sbx_")
     cgroup: Cgroup | None = None

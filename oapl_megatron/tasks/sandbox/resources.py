@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -17,27 +19,53 @@ logger = logging.getLogger(__name__)
 
 
 class SlotPool:
-    """Hands out distinct slot numbers to concurrent sandboxes (slot uid = uid_base + slot)."""
+    """Hands out slot numbers (slot uid = uid_base + slot) that no other sandbox on this machine holds.
+
+    Within a process a set keeps slots distinct; across processes (several runs, test sessions, worktrees on one
+    machine) each slot is also held through an exclusive ``flock`` on ``<tmp>/oapl_sandbox_slots/uid_<uid>.lock``,
+    which the kernel releases when the holder dies. Without it two processes would run programs under the same
+    uid, and one program's processes would count against the other's RLIMIT_NPROC (its exec then fails with
+    EAGAIN) and be visible to it.
+    """
+
+    LOCK_DIR = Path(tempfile.gettempdir()) / "oapl_sandbox_slots"
 
     def __init__(self) -> None:
         self._cv = threading.Condition()
-        self._used: set[int] = set()
+        self._used: dict[int, int] = {}  # slot -> fd of its lock file
 
-    def acquire(self, max_slots: int, timeout_s: float = 600.0) -> int:
+    def _try_lock(self, uid: int) -> int | None:
+        self.LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.LOCK_DIR / f"uid_{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def acquire(self, max_slots: int, uid_base: int, timeout_s: float = 600.0) -> int:
         deadline = time.monotonic() + timeout_s
         with self._cv:
             while True:
                 for s in range(max_slots):
                     if s not in self._used:
-                        self._used.add(s)
-                        return s
+                        fd = self._try_lock(uid_base + s)
+                        if fd is not None:
+                            self._used[s] = fd
+                            return s
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._cv.wait(left):
-                    raise TimeoutError(f"no free sandbox slot after {timeout_s:.0f} s (sandbox.max_slots={max_slots})")
+                if left <= 0:
+                    raise TimeoutError(f"no free sandbox slot after {timeout_s:.0f} s (sandbox.max_slots={max_slots}; "
+                                       f"slots held by other processes are locked under {self.LOCK_DIR})")
+                # a release here notifies; one in another process does not: poll
+                self._cv.wait(min(left, 0.05))
 
     def release(self, slot: int) -> None:
         with self._cv:
-            self._used.discard(slot)
+            fd = self._used.pop(slot, None)
+            if fd is not None:
+                os.close(fd)  # closing the only descriptor drops the flock
             self._cv.notify()
 
 
