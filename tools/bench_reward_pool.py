@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "load_avg_1m_at_end": os.getloadavg()[0]},
         "isolation": list(isolation_report(sandbox)),
         "command": "python tools/bench_reward_pool.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "mix": {k: names.count(k) for k in names} | {"responses": args.responses, "group": args.group},
+        "mix": {k: sum(r == PROGRAMS[k] for r in responses) for k in names} | {"responses": args.responses,
+                                                                                 "group": args.group},
         "reward_mean": sum(reference) / len(reference),
         "rows": rows,
     }
