@@ -75,12 +75,12 @@ class Extraction:
 
 def extract_code(response: str, require_fence: bool = True, answer_after: str | None = "</think>") -> Extraction:
     """The program in ``response`` (rules in the module docstring)."""
-    from oapl_megatron.tasks.code_reward import _FENCE
+    from oapl_megatron.tasks.code_reward import FENCE
 
     if answer_after and answer_after in response:
         response = response.rsplit(answer_after, 1)[1]
     blocks = []
-    for m in _FENCE.finditer(response):
+    for m in FENCE.finditer(response):
         closed = response.startswith("```", m.end() - 3) and m.end() - 3 >= m.start(2)
         blocks.append((m.group(1).lower(), m.group(2), closed))
     chosen = next(((b, c) for lang, b, c in reversed(blocks) if lang in _PYTHON_TAGS), None)

@@ -46,7 +46,7 @@ from oapl_megatron.config.sandbox import CodeRewardConfig, SandboxConfig
 from oapl_megatron.tasks.sandbox import SandboxResult, run_many
 
 _RESULT_MARK = "__OAPL_RESULT__"
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _INT = re.compile(r"[+-]?\d+")
 _NUM = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
@@ -116,7 +116,7 @@ class CodeCase:
 
 def extract_program(response: str) -> str:
     """The last ```python (or ```py) fenced block of ``response``; else its last untagged block; else the text."""
-    blocks = [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(response)]
+    blocks = [(m.group(1).lower(), m.group(2)) for m in FENCE.finditer(response)]
     for lang, body in reversed(blocks):
         if lang in ("python", "python3", "py"):
             return body

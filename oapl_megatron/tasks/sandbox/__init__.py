@@ -23,9 +23,9 @@ warning, or raises :class:`SandboxUnavailable` with ``require_isolation=True``; 
   killed, the kernel kills every process left in it: a ``setsid`` daemon cannot outlive the sandbox), and a mount
   namespace where the private directory is bind-mounted on ``/tmp`` (cwd and HOME), ``/var/tmp`` and ``/dev/shm``
   are small private tmpfs, and ``/proc`` shows only the sandbox's processes.
-* **uid**: when we are root, the program runs as ``uid_base + slot`` (one uid per concurrent sandbox, no groups,
-  ``PR_SET_NO_NEW_PRIVS``), so it cannot signal or ptrace our processes or the other sandboxes, cannot read
-  root-only files, and RLIMIT_NPROC (which root ignores) applies.
+* **uid**: when we are root, the program runs as ``uid_base + slot`` (one uid per concurrent sandbox on the
+  machine: slots are locked across processes; no groups, ``PR_SET_NO_NEW_PRIVS``), so it cannot signal or ptrace
+  our processes or the other sandboxes, cannot read root-only files, and RLIMIT_NPROC (which root ignores) applies.
 * **cgroups** (v1 ``pids`` and ``memory``, when writable): ``pids.max`` stops fork and thread bombs across all
   descendants, ``memory.limit_in_bytes`` bounds the sum over processes, and at the end every pid left in the
   cgroup is killed before the cgroup is removed.
