@@ -4,7 +4,8 @@ sandbox by the loop's reward pool), where the policy itself writes hostile progr
 The tiny policy is warm-started to answer each kind of prompt of the synthetic code task with a fixed program:
 ``sum`` prompts with the correct one-liner, and the other operations with attacks (one-line versions of
 tests/sandbox_attacks/): a fork bomb (``max``), a memory bomb (``min``), a sleeper (``sub``) and a file-plus-network
-escape (``mul``: write /tmp/<marker> on the host, then connect out). The loop then trains on what it samples. The
+escape (``mul``: write /tmp/<marker> on the host, then connect out). The loop then trains on what it samples (at a
+low temperature, so that the memorized attacks come out as written). The
 run must go on to its last step, every attack must be contained (a verdict that scores 0, no process of a sandbox
 uid left, no file written on the host) and the pool's accounting must add up (every generated group scored once).
 
@@ -22,13 +23,14 @@ import torch
 
 from dist_util import REPO, run_torchrun
 
-MARKER = "oapl_code_loop_escape"
+MARKER = "oapl_esc_t"
 ATTACKS = {
-    "max": "import os;[os.fork() for _ in iter(int,1)]",
-    "min": "x=[];[x.append(' '*10**7) for _ in iter(int,1)]",
-    "sub": "import time;time.sleep(1000)",
-    "mul": (f"open(chr(47)+'tmp'+chr(47)+'{MARKER}','w').write('x');import socket;"
-            "socket.create_connection(('1.1.1.1',80),3)"),
+    "max": "import os\nwhile 1:os.fork()",
+    "min": "b=[]\nwhile 1:b.append(' '*10**8)",
+    "sub": "import time\ntime.sleep(1000)",
+    # write a file in the host's /tmp, then reach the network; print a word (never the asked-for number)
+    "mul": (f"open(chr(47)+'tmp'+chr(47)+'{MARKER}','w').write('x')\nimport socket\ntry:socket.create_connection("
+            "('1.1.1.1',80),2)\nexcept OSError:print('offline')"),
 }
 STEPS, LAG, P, G = 4, 2, 5, 4
 
@@ -72,6 +74,7 @@ def _sandbox_uid_processes(uid_base: int, slots: int) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # ≈ 2 minutes on an idle machine; a heavily shared one needs far more
 def test_real_code_run_contains_hostile_programs_and_goes_on(tmp_path):
     host_marker = Path("/tmp") / MARKER
     host_marker.unlink(missing_ok=True)
@@ -82,11 +85,11 @@ def test_real_code_run_contains_hostile_programs_and_goes_on(tmp_path):
         "parallel.tp=1", f"train.steps={STEPS}", f"train.prompts_per_step={P}", f"train.samples_per_prompt={G}",
         "train.micro_batch_size=8", f"loop.lag={LAG}", f"loop.buffer_groups={P * LAG}", f"loop.generate_prompts={P}",
         "task.operations=sum,max,min,sub,mul", "task.max_args=2", "task.max_value=9", "task.eval_size=10",
-        "task.reward_pool.workers=2", "task.reward.sandbox.wall_timeout_s=2", "task.reward.sandbox.cpu_time_s=1",
-        "rollout.max_tokens=100", "rollout.max_model_len=128", "eval.every=0", "export.final_hf=false",
+        "task.reward_pool.workers=2", "task.reward.sandbox.wall_timeout_s=10", "task.reward.sandbox.cpu_time_s=2",
+        "rollout.max_tokens=160", "rollout.max_model_len=192", "rollout.temperature=0.3", "eval.every=0", "export.final_hf=false",
         "optim.scheduler.warmup_steps=1", "logging.progress=false",
     ]
-    run_torchrun(REPO / "oapl_megatron" / "entrypoints" / "train.py", 1, tmp_path, args=args, timeout=900)
+    run_torchrun(REPO / "oapl_megatron" / "entrypoints" / "train.py", 1, tmp_path, args=args, timeout=1800)
 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["step"] >= 1] == list(range(1, STEPS + 1))  # the run went on to the end
@@ -98,10 +101,15 @@ def test_real_code_run_contains_hostile_programs_and_goes_on(tmp_path):
     assert stats["responses_scored"] == stats["groups_delivered"] * G
     reasons = stats["reasons"]
     assert sum(reasons.values()) == stats["responses_scored"]
-    # the policy did write the attacks, and each was stopped with a verdict (every verdict but "passed" scores 0)
-    assert reasons.get("timeout", 0) > 0, reasons  # the sleeper (and possibly the fork bomb) hit the wall limit
-    assert reasons.get("memory_limit", 0) > 0, reasons  # the memory bomb
-    assert reasons.get("runtime_error", 0) > 0, reasons  # the escape: no network in the sandbox
+    # the policy did write the attacks, and each was stopped with a verdict (every verdict but "passed" scores 0):
+    # the sleeper and the memory bomb ran into their limits, the fork bomb into the process limit (fork fails:
+    # runtime_error, or process_limit / timeout), the escape found no network (wrong_answer: it printed a word)
+    assert reasons.get("timeout", 0) > 0, reasons
+    assert reasons.get("memory_limit", 0) > 0, reasons
+    assert reasons.get("runtime_error", 0) + reasons.get("process_limit", 0) > 0, reasons
+    assert reasons.get("wrong_answer", 0) > 0, reasons
+    assert set(reasons) <= {"passed", "wrong_answer", "runtime_error", "timeout", "memory_limit", "process_limit",
+                            "cpu_limit", "no_eos"}, reasons
     # the rewards the trainer saw add up to at most the programs that passed: no attack scored
     seen = sum(round(r["reward_mean"] * P * G) for r in rows if r["step"] >= 1)
     assert seen <= reasons.get("passed", 0)
