@@ -116,3 +116,26 @@ def test_synthetic_code_rewards_run_in_the_sandbox_through_the_pool():
         assert got[i] == [(1.0, "passed"), (0.0, "wrong_answer"), (0.0, "runtime_error"), (0.0, "no_eos")]
     s = pool.stats()
     assert s["sandbox_runs"] == 12 and s["programs_per_s"] > 0  # the no-EOS response never started a program
+
+
+def test_close_accounts_for_every_group():
+    """Closing mid-stream: submitted == delivered + dropped_at_close, whatever was in flight."""
+    gate = threading.Event()
+
+    def score(prompt, text):
+        if prompt.id != "p0":
+            gate.wait(5)
+        return RewardResult(1.0)
+
+    got = []
+    pool = RewardPool(score, workers=2, deliver=lambda p, r: got.append(p)).start()
+    for i in range(6):
+        pool.submit(Prompt(f"p{i}", "", ""), ["a", "b"], i)
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pool.close(timeout=10)
+    gate.set()
+    s = pool.stats()
+    assert got[0] == 0 and s["groups_submitted"] == 6
+    assert s["groups_delivered"] + s["groups_dropped_at_close"] == 6 and s["groups_pending"] == 0

@@ -151,13 +151,14 @@ class RewardPool:
         """Stop: groups not yet delivered are dropped (the run is ending), running programs finish or time out."""
         with self._cv:
             self._closed = True
-            self.dropped_at_close = len(self._queue)
             for p in self._queue:
                 for f in p.futures:
                     f.cancel()
             self._cv.notify_all()
-        self._thread.join(timeout)
+        self._thread.join(timeout)  # a group being delivered right now still finishes (and counts as delivered)
         self._exec.shutdown(wait=True, cancel_futures=True)
+        with self._cv:
+            self.dropped_at_close = len(self._queue)
 
     # -- delivery --------------------------------------------------------------------------------------------------
 
