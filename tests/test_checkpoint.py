@@ -16,6 +16,10 @@ Real megatron-core (gloo, CPU fp32), real dist_checkpointing, real subprocesses 
   dir; step 2 loads; the next complete save with keep_last=2 deletes only the oldest complete checkpoint.
 * damage — a truncated distcp file, a flipped byte, a missing file and a missing marker each raise
   CheckpointError naming the file, and leave the loaded state untouched.
+* one format — a training checkpoint carries the model sidecar and the HF side files; ``oapl-convert
+  mcore-to-hf`` reads it as it is (model only) and writes exactly the weights the trainer held at that step;
+  ``reshard`` makes a model-only checkpoint of it, which the trainer's resume refuses.
+The SIGKILL tests stop the save through ``save_checkpoint(on_phase=...)`` (the worker's ``pause`` spec).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 
 from dist_util import REPO, run_torchrun
 from oapl_megatron.config.checkpoint import CheckpointConfig
-from oapl_megatron.trainer.checkpoint import MARKER, checkpoint_dir, latest_checkpoint
+from oapl_megatron.trainer.checkpoint import MARKER, checkpoint_dir, latest_checkpoint, read_manifest, read_sidecar
 
 WORKER = REPO / "tests" / "workers" / "checkpoint_worker.py"
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
@@ -88,6 +92,31 @@ def test_latest_checkpoint_ignores_incomplete_and_cleans_temp_dirs(tmp_path):
     assert not (tmp_path / ".tmp_step_00000013").exists()
 
 
+def test_host_rng_seed_capture_restore():
+    """parallel/rng.py (bootstrap seeds with it, the checkpoint saves/restores/derives with it)."""
+    import random
+
+    import numpy as np
+
+    from oapl_megatron.parallel.rng import derived_seed, host_rng_state, seed_host_rngs, set_host_rng_state
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    seed_host_rngs(7)
+    first = draws()
+    seed_host_rngs(7)
+    saved = host_rng_state()
+    assert draws() == first
+    draws()
+    set_host_rng_state(saved)
+    assert draws() == first
+    # deterministic, distinct per part, in [0, 2**63)
+    a = derived_seed("oapl-rng", "step3", "tp0", "pp1", "dp2")
+    assert a == derived_seed("oapl-rng", "step3", "tp0", "pp1", "dp2") != derived_seed("oapl-rng", "step3", "dp3")
+    assert 0 <= a < 2**63
+
+
 def test_checkpoint_config_bounds_and_defaults(tmp_path):
     cfg = CheckpointConfig()
     assert cfg.resolve_dir(tmp_path) == tmp_path / "checkpoints" and not cfg.due(5)
@@ -111,6 +140,11 @@ def test_resume_is_bitwise_exact(tmp_path, tp, nproc):
     a = run({**base, "save_at": [2], "record_at": [2], "out": "straight"}, tmp_path, nproc)
     b = run({**base, "resume": "latest", "out": "resumed"}, tmp_path, nproc)
     assert b["loaded_from"] == "step_00000002"
+    side = read_sidecar(checkpoint_dir(root, 2))  # convertible as it is: sidecar + HF side files
+    assert (side["tp"], side["pp"], side["vpp"], side["layer_spec"], side["dtype"]) == (tp, 1, None, "local",
+                                                                                        "float32")
+    assert read_manifest(checkpoint_dir(root, 2))["kind"] == "training"
+    assert (checkpoint_dir(root, 2) / "hf" / "config.json").is_file()
     assert b["extra"]["step"] == 2 and b["extra"]["losses"] == {k: a["losses"][k] for k in (1, 2)}
     assert b["extra"]["buffer"] == [{"version": 1, "tokens": [0, 1, 2, 3]}]
     assert all(torch.equal(a["recorded"][2][k], b["after_load"][k]) for k in a["recorded"][2])
@@ -164,8 +198,8 @@ def _train_and_kill(tmp_path: Path, phase: str) -> Path:
     signal_file = tmp_path / "paused"
     spec = {"mode": "train", "steps": 3, "root": str(root), "save_at": [1, 2, 3], "keep_last": 2,
             "record_at": [2], "out": "killed"}
-    env = _env(tmp_path, {"OAPL_CHECKPOINT_TEST_PAUSE": f"{phase}:3:{signal_file}"})
-    proc = subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=env, cwd=REPO,
+    spec["pause"] = {"phase": phase, "step": 3, "signal": str(signal_file)}
+    proc = subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], env=_env(tmp_path), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -198,6 +232,7 @@ def after_kill(tmp_path_factory):
     run_single({"mode": "check_after_kill", "root": str(root), "out": "check"}, tmp)
     res = torch.load(tmp / "check.pt", weights_only=False)
     res["recorded"] = torch.load(tmp / "killed.recorded.pt", weights_only=False)
+    res["root"] = root
     return res
 
 
@@ -223,3 +258,41 @@ def test_damaged_checkpoint_names_the_file(after_kill, damage):
     assert {"truncated": "truncated", "flipped": "corrupted", "missing": "missing",
             "no_marker": "not a complete checkpoint"}[damage] in msg, msg
     assert after_kill["unchanged_after_failed_loads"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One format: oapl-convert reads a training checkpoint as it is
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_checkpoint_converts_to_the_weights_the_trainer_held(after_kill, tmp_path, capsys):
+    """mcore-to-hf of step 2 (a training checkpoint with optimizer state) gives bitwise the HF-named weights the
+    trainer recorded at step 2; the tokenizer/config side files travel along; a training checkpoint with a
+    missing listed file and a model-only checkpoint given to the trainer's resume are refused by name."""
+    from safetensors.torch import load_file
+
+    from oapl_megatron.entrypoints.convert import main as convert_main
+
+    step2 = checkpoint_dir(after_kill["root"], 2)
+    assert convert_main(["mcore-to-hf", "--ckpt", str(step2), "--out", str(tmp_path / "hf")]) == 0
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    want = after_kill["recorded"][2]
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert (tmp_path / "hf" / "config.json").is_file()
+    # reshard of a training checkpoint: a model-only checkpoint (sealed with the same manifest), convertible too
+    assert convert_main(["reshard", "--ckpt", str(step2), "--out", str(tmp_path / "m"), "--tp", "1", "--pp",
+                         "1"]) == 0
+    assert read_manifest(tmp_path / "m")["kind"] == "model" and read_sidecar(tmp_path / "m")["tp"] == 1
+    from oapl_megatron.trainer.checkpoint import CheckpointError, load_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"model-only checkpoint .* no optimizer"):
+        load_checkpoint(tmp_path / "m", state=None, ctx=None)  # refused before the state is touched
+    # an incomplete copy is refused before any rank starts, naming the file
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(step2, bad)
+    (bad / "extra.pt").unlink()
+    assert convert_main(["mcore-to-hf", "--ckpt", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert f"{bad / 'extra.pt'} is missing" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def test_layering_defaults_file_overrides(tmp_path):
     (["parallel.vpp=2"], ["parallel.vpp", "parallel.pp"]),
     (["loop.max_staleness=2"], ["loop.max_staleness", "loop.buffer"]),
     (["train.prompts_per_step=128", "loop.buffer_groups=16"], ["loop.buffer_groups", "train.prompts_per_step"]),
-    (["rollout.mode=cluster", "rollout.engines=2"], ["rollout.addresses"]),
+    (["rollout.mode=cluster", "rollout.engines=2", "rollout.addresses=[a:1]"], ["rollout.addresses"]),
 ])
 def test_bad_values_name_the_field(override, must_name):
     with pytest.raises(ConfigError) as err:

@@ -1,6 +1,8 @@
 """``oapl-convert`` (oapl_megatron.models.convert): HF → Megatron (TP2·PP2, spawned gloo ranks) → HF is bit-exact
 and loads in transformers; resharding keeps every bit; bad inputs fail before any rank starts, naming the file,
-tensor or config field. The round trips are slow (each spawns 4 ranks); the error tests are fast."""
+tensor or config field; checkpoints of the old format, interrupted conversions and bad ``--run-dir`` arguments are
+refused with a message that says why. The round trips are slow (each spawns 4 ranks); the error tests are fast.
+Trainer checkpoints → HF: tests/test_checkpoint.py and tests/test_checkpoint_serve.py."""
 
 from __future__ import annotations
 
@@ -65,6 +67,9 @@ def test_hf_mcore_hf_round_trip_tp2pp2(tmp_path, family):
     assert convert_main(["hf-to-mcore", "--hf", str(hf), "--out", str(ckpt), "--tp", "2", "--pp", "2"]) == 0
     side = json.loads((ckpt / "oapl_checkpoint.json").read_text())
     assert (side["tp"], side["pp"], side["dtype"], side["arch"]["family"]) == (2, 2, "float32", family.split("_")[0])
+    manifest = json.loads((ckpt / "COMPLETE").read_text())  # the trainer's manifest: every file, size and CRC-32
+    assert manifest["kind"] == "model" and "oapl_checkpoint.json" in manifest["files"]
+    assert all(v["crc32"] is not None for v in manifest["files"].values())
     # Read back at TP1·PP1 in this process (dist_checkpointing reshards on load); small files → sharded output.
     assert convert_main(["mcore-to-hf", "--ckpt", str(ckpt), "--out", str(back), "--max-shard-size", "30KB"]) == 0
     _assert_same_weights(hf, back)
@@ -159,3 +164,35 @@ def test_layout_and_output_dir_errors(tmp_path, capsys):
                   "--pp 3", "num_hidden_layers=4")
     _expect_error(capsys, ["hf-to-mcore", "--hf", str(hf), "--out", str(hf)], "not empty")
     _expect_error(capsys, ["mcore-to-hf", "--ckpt", str(hf), "--out", str(tmp_path / "o")], "oapl_checkpoint.json")
+
+
+def _side(tmp_path: Path, version: int, **files) -> Path:
+    d = tmp_path / f"ckpt_v{version}"
+    (d / "model").mkdir(parents=True)
+    (d / "model" / "metadata.json").write_text("{}")
+    (d / "oapl_checkpoint.json").write_text(json.dumps({"format_version": version}))
+    for name, text in files.items():
+        (d / name).write_text(text)
+    return d
+
+
+def test_old_format_and_interrupted_checkpoints_are_refused(tmp_path, capsys):
+    # format 1 (converter output before the trainer and the converter shared one layout): a clear refusal
+    _expect_error(capsys, ["mcore-to-hf", "--ckpt", str(_side(tmp_path, 1)), "--out", str(tmp_path / "o")],
+                  "format_version 1", "this code reads 2", "oapl-convert hf-to-mcore")
+    # a sidecar but no COMPLETE manifest: an interrupted conversion or save
+    _expect_error(capsys, ["reshard", "--ckpt", str(_side(tmp_path, 2)), "--out", str(tmp_path / "o"), "--tp", "1",
+                           "--pp", "1"], "COMPLETE is missing", "not a complete checkpoint")
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_dir_errors(tmp_path, capsys):
+    _expect_error(capsys, ["mcore-to-hf", "--run-dir", str(tmp_path), "--out", str(tmp_path / "o")],
+                  "no config.yaml", "not a run directory")
+    (tmp_path / "config.yaml").write_text("checkpoint:\n  dir: null\n  every_steps: 0\n")
+    (tmp_path / "checkpoints" / ".tmp_step_00000004").mkdir(parents=True)  # a save in progress: left alone
+    _expect_error(capsys, ["mcore-to-hf", "--run-dir", str(tmp_path), "--out", str(tmp_path / "o")],
+                  f"no complete checkpoint under {tmp_path / 'checkpoints'}")
+    assert (tmp_path / "checkpoints" / ".tmp_step_00000004").is_dir()
+    with pytest.raises(SystemExit):  # one source only
+        convert_main(["mcore-to-hf", "--run-dir", str(tmp_path), "--ckpt", str(tmp_path), "--out", "o"])

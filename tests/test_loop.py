@@ -120,6 +120,11 @@ def test_loop_logs_idle_fraction_reference_and_exports(loop_run):
     assert all(r["ref_logp_engine_vs_trainer"] < 1e-3 for r in steps), [r["ref_logp_engine_vs_trainer"] for r in steps]
     evals = [r for r in rows if r.get("eval_accuracy") is not None]
     assert [r["step"] for r in evals] == [0, 4, STEPS]
+    # every evaluation measured the trainer's weights of its step: at 0 and at the last step the generation engines
+    # serve them; step 4 lies between syncs (L = 3), so the evaluation engine got the step-4 weights, while the
+    # generation engines kept their lag (test_policy_version_changes_exactly_every_lag_steps)
+    assert all(r["eval_policy"] == "current" and r["eval_weights_step"] == r["step"] for r in evals), evals
+    assert (run_dir / "eval_engine" / "engine0.log").exists()
     assert (run_dir / "config.yaml").exists()
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     from transformers import AutoModelForCausalLM

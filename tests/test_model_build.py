@@ -69,7 +69,8 @@ def world1():
 
 @pytest.mark.parametrize("case", ["llama_untied", "qwen2_tied", "qwen3_tied", "qwen3_untied"])
 def test_parameter_count_and_names_match_hf(world1, case):
-    from oapl_megatron.models.builder import build_policy, count_parameters, megatron_param_names
+    from oapl_megatron.models.builder import build_policy, count_parameters
+    from oapl_megatron.models.mapping import megatron_names_in_order
 
     cfg = _hf_config(case)
     arch = arch_from_hf(cfg)
@@ -78,7 +79,12 @@ def test_parameter_count_and_names_match_hf(world1, case):
     expected = _hf_numel(cfg)
     assert count_parameters(chunks, world1) == expected
     assert arch.num_params == expected
-    assert [n for n, _ in chunks[0].named_parameters()] == megatron_param_names(arch, "local")
+    # The mapping's names are the model's: at TP1·PP1 a tied model has no output_layer.weight parameter (the
+    # mapping keeps it as a load-only rule for the last stage's copy at PP > 1).
+    expected = [n for n in megatron_names_in_order(arch, "local")
+                if not (arch.tie_word_embeddings and n == "output_layer.weight")]
+    names = [n for n, _ in chunks[0].named_parameters()]
+    assert len(names) == len(set(names)) and sorted(names) == sorted(expected)
 
 
 def test_arch_fields_from_hf(world1):
@@ -221,6 +227,33 @@ def test_unknown_megatron_version_is_refused(monkeypatch):
         apply_cpu_compat()
 
 
+def test_checkpoint_writer_manager_is_stopped(world1, tmp_path, monkeypatch):
+    """dist_checkpointing's first save starts a Manager process (megatron's private ``_results_queue``);
+    cpu_compat stops it (oapl-convert's spawned ranks do before ``os._exit``) and resets the global."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    from oapl_megatron.models.builder import build_policy
+    from oapl_megatron.parallel.cpu_compat import stop_checkpoint_writer_manager
+
+    (model,) = build_policy(arch_from_hf(_hf_config("qwen2_tied")), LOCAL, world1)
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
+    assert fa._results_queue is not None
+    process = fa._results_queue._manager._process
+    assert process.is_alive()
+    assert stop_checkpoint_writer_manager() is True
+    process.join(timeout=30)
+    assert not process.is_alive() and fa._results_queue is None
+    assert stop_checkpoint_writer_manager() is False  # nothing to stop
+    # another megatron-core version: the private global is not touched blindly
+    import megatron.core
+
+    monkeypatch.setattr(fa, "_results_queue", object())
+    monkeypatch.setattr(megatron.core, "__version__", "0.17.0")
+    with pytest.raises(RuntimeError, match=r"megatron-core 0\.17\.0 is installed"):
+        stop_checkpoint_writer_manager()
+
+
 # ------------------------------------------------------------------------------------------------ config errors
 
 
@@ -274,13 +307,18 @@ def test_layout_checks_name_the_field():
     from oapl_megatron.models.builder import check_layout
 
     arch = arch_from_hf(_hf_config("qwen3_untied"))  # 4 layers, 4 heads, 2 kv heads
-    check_layout(arch, _ctx(tp=2, pp=2))
+    check_layout(arch, tp=2, pp=2)
     with pytest.raises(ConfigError, match=r"num_hidden_layers=4 .*parallel\.pp \* \(parallel\.vpp or 1\)"):
-        check_layout(arch, _ctx(pp=2, vpp=4))
+        check_layout(arch, tp=1, pp=2, vpp=4)
     with pytest.raises(ConfigError, match=r"num_attention_heads=4 is not divisible by parallel\.tp=8"):
-        check_layout(arch, _ctx(tp=8))
+        check_layout(arch, tp=8, pp=1)
     with pytest.raises(ConfigError, match=r"num_key_value_heads=2 is not divisible by parallel\.tp=4"):
-        check_layout(arch, _ctx(tp=4))
+        check_layout(arch, tp=4, pp=1)
+    # the same check names oapl-convert's flags
+    with pytest.raises(ConfigError, match=r"num_hidden_layers=4 is not divisible by --pp 3"):
+        check_layout(arch, tp=1, pp=3, flags=True)
+    with pytest.raises(ConfigError, match=r"--tp 0 must be >= 1"):
+        check_layout(arch, tp=0, pp=1, flags=True)
     assert _ctx(pp=2, vpp=2).is_first_stage(0) and not _ctx(pp=2, vpp=2).is_last_stage(1)
 
 

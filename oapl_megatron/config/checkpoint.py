@@ -4,7 +4,8 @@ Used by the train loop with :mod:`oapl_megatron.trainer.checkpoint`::
 
     ckpt_cfg = CheckpointConfig(every_steps=50, keep_last=3)
     root = ckpt_cfg.resolve_dir(run_dir)             # run_dir/checkpoints unless ``dir`` is set
-    if ckpt_cfg.due(step): save_checkpoint(root, step, state, ctx, extra, keep_last=ckpt_cfg.keep_last)
+    if ckpt_cfg.due(step):
+        save_checkpoint(root, step, state, ctx, extra, keep_last=ckpt_cfg.keep_last, hf_dir=cfg.model.hf_path)
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from oapl_megatron.config.base import StrictModel
 
 
 class CheckpointConfig(StrictModel):
-    """Resumable training checkpoints (model, optimizer, scheduler, RNG, loop state)."""
+    """Resumable training checkpoints (model, optimizer, scheduler, RNG, loop state); each one converts directly
+    (``oapl-convert mcore-to-hf --run-dir RUN`` takes the newest complete one)."""
 
     dir: Path | None = Field(
         None, description="Checkpoint root; None = <run_dir>/checkpoints. One run per root (rank 0 cleans temp dirs)."

@@ -33,12 +33,24 @@ class LoopConfig(StrictModel):
 
 
 class HeldOutEvalConfig(StrictModel):
-    """Held-out evaluation with the engines (they serve the last synced weights; the loop syncs before it)."""
+    """Held-out evaluation during training, on vLLM engines.
+
+    ``policy=current`` measures the weights the trainer holds at that step: at a sync point the generation engines
+    serve exactly them; between sync points a separate evaluation engine receives the current weights for the
+    evaluation only, so the generation engines' lag is untouched. ``policy=served`` measures what the generation
+    engines serve (the lagged π_vllm). Each evaluation logs which it measured (``eval_policy``) and the optimizer
+    step of the weights (``eval_weights_step``)."""
 
     every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (and at the start and end); 0 = never.")
     prompts: int = Field(200, ge=1, description="Held-out prompts per evaluation (the first N of the task's list).")
     samples: int = Field(4, ge=1, le=1024, description="Samples per prompt at the rollout temperature (pass@1).")
     greedy: bool = Field(True, description="Also report greedy (temperature 0) accuracy.")
+    policy: Literal["current", "served"] = Field(
+        "current", description="current = the trainer's weights at that step (an evaluation engine is synced between "
+                               "sync points); served = the generation engines' lagged weights.")
+    engine_devices: str | None = Field(
+        None, description="CUDA_VISIBLE_DEVICES of the evaluation engine (local mode, policy=current); None = the "
+                          "trainer's environment (fine on CPU; on GPU give it a GPU of its own).")
 
 
 class LoggingConfig(StrictModel):

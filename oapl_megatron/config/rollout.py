@@ -18,10 +18,15 @@ class RolloutConfig(StrictModel):
 
     engines: int = Field(1, ge=1, le=1024, description="number of vLLM engines (data-parallel replicas)")
     engine_tp: int = Field(1, ge=1, le=64, description="tensor-parallel size of each engine")
+    devices: list[int] | None = Field(
+        None, description="local mode on a GPU node: the engines' GPU ids, engine_tp consecutive ids per engine; "
+                          "None = the GPUs after the trainer's (see oapl_megatron/launch/placement.py)")
     mode: Literal["local", "cluster"] = Field(
-        "local", description="local: the trainer spawns the engines; cluster: attach to engine servers at `addresses`")
+        "local", description="local: the trainer spawns the engines; cluster: attach to engine servers at `addresses`, "
+                             "or (no addresses) wait for them to register in <run_dir>/engines/registry")
     addresses: list[str] = Field(
-        default_factory=list, description="cluster mode: one `host:port` per engine (engine servers started elsewhere)")
+        default_factory=list, description="cluster mode: one `host:port` per engine (engine servers started elsewhere); "
+                                          "empty = engines register themselves (oapl-launch slurm)")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="sampling temperature (0 = greedy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     max_tokens: int = Field(1024, ge=1, le=1 << 20, description="maximum generated tokens per completion")
@@ -39,9 +44,10 @@ class RolloutConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.mode == "cluster" and len(self.addresses) != self.engines:
+        if self.mode == "cluster" and self.addresses and len(self.addresses) != self.engines:
             raise ValueError(f"rollout.addresses: cluster mode needs one host:port per engine "
-                             f"(rollout.engines={self.engines}, got {len(self.addresses)} addresses)")
+                             f"(rollout.engines={self.engines}, got {len(self.addresses)} addresses), or none: the "
+                             "engines then register in <run_dir>/engines/registry")
         if self.mode == "local" and self.addresses:
             raise ValueError("rollout.addresses is only used with rollout.mode='cluster'; remove it or set the mode")
         for a in self.addresses:

@@ -16,6 +16,7 @@ from oapl_megatron.config.base import StrictModel
 from oapl_megatron.config.checkpoint import CheckpointConfig
 from oapl_megatron.config.code import CodeDatasetTaskConfig, SyntheticCodeTaskConfig
 from oapl_megatron.config.data import MathDatasetTaskConfig
+from oapl_megatron.config.launch import LaunchConfig
 from oapl_megatron.config.loop import ExportConfig, HeldOutEvalConfig, LoggingConfig, LoopConfig
 from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig
 from oapl_megatron.config.task import SyntheticTaskConfig
@@ -160,6 +161,7 @@ class RunConfig(StrictModel):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics, TensorBoard, progress.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Final Hugging Face export.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Resumable checkpoints.")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Nodes, GPUs, Slurm (oapl-launch).")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":
@@ -178,6 +180,11 @@ class RunConfig(StrictModel):
                 "checkpoint.every_steps / checkpoint.resume need loop.buffer=clear: exact resume relies on every "
                 "policy version consuming exactly the groups it generated (loop.buffer=keep is not resumable yet)"
             )
+        if self.launch.gpus_per_node and self.rollout.mode == "local" and self.rollout.devices is not None:
+            from oapl_megatron.launch.placement import place_node, trainer_ranks_per_node
+
+            place_node(self.launch.gpus_per_node, trainer_ranks_per_node(self), self.rollout.engines,
+                       self.rollout.engine_tp, self.rollout.devices)  # overlap → error now, not at the first sync
         if self.optim.scheduler.warmup_steps > self.train.steps:
             raise ValueError(
                 f"optim.scheduler.warmup_steps={self.optim.scheduler.warmup_steps} exceeds "

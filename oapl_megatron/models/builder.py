@@ -62,36 +62,43 @@ def resolve_params_dtype(model_cfg: ModelConfig) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[model_cfg.params_dtype]
 
 
-def check_layout(arch: ArchSpec, ctx: ParallelContext) -> None:
-    """Raise ConfigError naming the field when the architecture cannot be split over ``ctx``'s grid."""
-    chunks = ctx.pp * (ctx.vpp or 1)
+def check_layout(arch: ArchSpec, tp: int, pp: int, vpp: int | None = None, flags: bool = False) -> None:
+    """Raise ConfigError when ``arch`` cannot be split over ``tp`` × ``pp`` (× ``vpp``); the one layout check.
+
+    The message names the config fields (``parallel.tp``, ...), or the command-line flags (``--tp``, ``--pp``)
+    when ``flags`` (``oapl-convert``, which has no virtual pipeline: ``vpp`` is None there)."""
+
+    def field(name: str, value) -> str:
+        return f"--{name} {value}" if flags else f"parallel.{name}={value}"
+
+    for name, value in (("tp", tp), ("pp", pp), ("vpp", vpp)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{field(name, value)} must be >= 1")
+    chunks = pp * (vpp or 1)
     if arch.num_layers % chunks != 0:
+        split = field("pp", pp) if flags else f"parallel.pp * (parallel.vpp or 1) = {pp} * {vpp or 1}"
         raise ConfigError(
-            f"num_hidden_layers={arch.num_layers} is not divisible by parallel.pp * (parallel.vpp or 1) = "
-            f"{ctx.pp} * {ctx.vpp or 1}; choose parallel.pp/parallel.vpp that split the layers evenly"
+            f"num_hidden_layers={arch.num_layers} is not divisible by {split}; choose a pipeline split that "
+            f"divides the layers evenly"
         )
-    if arch.heads % ctx.tp != 0:
+    if arch.heads % tp != 0:
         raise ConfigError(
-            f"num_attention_heads={arch.heads} is not divisible by parallel.tp={ctx.tp}; choose a parallel.tp "
-            f"that divides the head count"
+            f"num_attention_heads={arch.heads} is not divisible by {field('tp', tp)}; choose a tensor-parallel "
+            f"size that divides the head count"
         )
-    if arch.kv_heads % ctx.tp != 0:
+    if arch.kv_heads % tp != 0:
         raise ConfigError(
-            f"num_key_value_heads={arch.kv_heads} is not divisible by parallel.tp={ctx.tp}; choose a parallel.tp "
-            f"that divides the key/value head count"
+            f"num_key_value_heads={arch.kv_heads} is not divisible by {field('tp', tp)}; choose a tensor-parallel "
+            f"size that divides the key/value head count"
         )
 
 
 def _fp8_fields(model_cfg: ModelConfig) -> dict:
+    # Pairs megatron-core rejects (first_last_layers_bf16 with the delayed recipe) are refused by the config
+    # validator (config/schema.py FP8Config) when the config is made.
     fp8 = model_cfg.fp8
     if not fp8.enabled:
         return {}
-    if fp8.first_last_layers_bf16 and fp8.recipe == "delayed":
-        # megatron-core rejects this pair in TransformerConfig.__post_init__; say it in config terms.
-        raise ConfigError(
-            "model.fp8.first_last_layers_bf16=true is not supported with model.fp8.recipe=delayed; use "
-            "model.fp8.recipe=tensorwise (or blockwise), or set model.fp8.first_last_layers_bf16=false"
-        )
     return dict(
         fp8=fp8.format,
         fp8_recipe=fp8.recipe,
@@ -171,7 +178,7 @@ def build_policy(arch: ArchSpec, model_cfg: ModelConfig, ctx: ParallelContext) -
     )
 
     impl = resolve_transformer_impl(model_cfg)
-    check_layout(arch, ctx)
+    check_layout(arch, ctx.tp, ctx.pp, ctx.vpp)
     config = make_transformer_config(arch, model_cfg, ctx, impl)
     if impl == "transformer_engine":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
@@ -236,41 +243,3 @@ def count_parameters(chunks: list, ctx: ParallelContext) -> int:
     if torch.distributed.is_initialized() and ctx.world_size > 1:
         torch.distributed.all_reduce(t)
     return int(t.item())
-
-
-def megatron_param_names(arch: ArchSpec, transformer_impl: str = "local") -> list[str]:
-    """Parameter names (``named_parameters()`` order) of the whole, unsplit policy (TP1/PP1) for a layer spec.
-
-    A pipeline stage or virtual chunk holds a subset with *local* layer indices: chunk layer ``j`` is global layer
-    ``get_transformer_layer_offset(config, vp_stage) + j``. ``embedding.*`` lives on the first stage,
-    ``decoder.final_layernorm``/``output_layer`` on the last; with tied embeddings there is no
-    ``output_layer.weight`` at PP=1, and at PP>1 the last stage holds a copy marked ``.shared``. The
-    ``transformer_engine`` names fold the pre-attention/pre-MLP norms into the following linear layer
-    (``layer_norm_weight``); they follow megatron's TE spec but are not exercised on CPU (their order is unverified).
-    """
-    if transformer_impl not in ("local", "transformer_engine"):
-        raise ValueError(f"transformer_impl must be 'local' or 'transformer_engine', got {transformer_impl!r}")
-    te = transformer_impl == "transformer_engine"
-    names = ["embedding.word_embeddings.weight"]
-    for i in range(arch.num_layers):
-        p = f"decoder.layers.{i}."
-        layer = [] if te else [p + "input_layernorm.weight"]
-        # linear_proj is created before linear_qkv inside SelfAttention, hence first in named_parameters().
-        layer.append(p + "self_attention.linear_proj.weight")
-        if te:
-            layer.append(p + "self_attention.linear_qkv.layer_norm_weight")
-        layer.append(p + "self_attention.linear_qkv.weight")
-        if arch.qkv_bias:
-            layer.append(p + "self_attention.linear_qkv.bias")
-        if arch.qk_norm:
-            layer += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
-        if te:
-            layer += [p + "mlp.linear_fc1.layer_norm_weight", p + "mlp.linear_fc1.weight"]
-        else:
-            layer += [p + "pre_mlp_layernorm.weight", p + "mlp.linear_fc1.weight"]
-        layer.append(p + "mlp.linear_fc2.weight")
-        names += layer
-    names.append("decoder.final_layernorm.weight")
-    if not arch.tie_word_embeddings:
-        names.append("output_layer.weight")
-    return names

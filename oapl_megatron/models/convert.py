@@ -1,21 +1,21 @@
-"""Checkpoint conversion between Hugging Face safetensors and Megatron ``dist_checkpointing`` directories.
+"""Checkpoint conversion between Hugging Face safetensors and Megatron checkpoints, and the live-model HF writer.
 
 The logic behind ``oapl-convert`` (see :mod:`oapl_megatron.entrypoints.convert`)::
 
     hf_to_mcore("/models/Qwen3-0.6B", "ckpt/qwen3", tp=2, pp=2)
     mcore_to_hf("ckpt/qwen3", "out/qwen3-hf", dtype="bf16")
+    mcore_to_hf(run_checkpoint("runs/demo"), "out/demo-hf")     # the newest complete checkpoint of a run
     reshard("ckpt/qwen3", "ckpt/qwen3-tp1", tp=1, pp=1)
 
-Building blocks for a live (trainer) world: :func:`save_model_checkpoint` / :func:`load_model_checkpoint` (the
-``model/`` part below) and :func:`write_hf_checkpoint` (export the live model as an HF directory).
+plus :func:`write_hf_checkpoint`, which the orchestrator uses to export the live policy.
 
-Megatron checkpoint layout (``ckpt/``)::
-
-    oapl_checkpoint.json   sidecar: format version, ArchSpec, tp/pp/vpp it was written with, layer spec, dtype
-    hf/                    the HF config.json, generation_config.json and tokenizer files, copied as they were
-    model/                 megatron dist_checkpointing (torch_dist) of {"model": chunk.sharded_state_dict()}
-                           ({"model0": ..., "model1": ...} with virtual pipeline chunks); the sharded keys are
-                           global, so any tp/pp/vpp loads it (megatron reshards on load)
+One checkpoint format (:mod:`oapl_megatron.trainer.checkpoint.layout`): a trainer checkpoint
+(``run/checkpoints/step_*``, kind ``training``) converts as it is, and ``hf_to_mcore``/``reshard`` write the same
+layout with the model alone (kind ``model``): the ``oapl_checkpoint.json`` sidecar, ``hf/`` (the HF config and
+tokenizer files), ``model_optim/`` (dist_checkpointing of the model; keys are global, so any tp/pp/vpp loads it)
+and the ``COMPLETE`` manifest with each file's size and CRC-32, written last. A directory without a manifest (an
+interrupted conversion) is refused. Checkpoints of format 1 (before the formats were one) get an error that says
+so; they are not read.
 
 Process model and memory (the design choice): every conversion runs a gloo world of its own, spawned here
 (``torch.multiprocessing``, one process when the world is 1 and this process has no process group). Each rank
@@ -40,20 +40,19 @@ a tensor the mapping would drop.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import shutil
-import socket
 import sys
 from pathlib import Path
 
-SIDECAR = "oapl_checkpoint.json"
-FORMAT_VERSION = 1
-MODEL_SUBDIR = "model"
-HF_SUBDIR = "hf"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+from oapl_megatron.trainer.checkpoint.layout import (
+    HF_SUBDIR,
+    SIDECAR,
+    copy_hf_side_files,
+    model_sidecar,
+    read_sidecar,
+)
+
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -64,17 +63,6 @@ class ConvertError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 # Pre-flight checks (no megatron, no process group)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def check_layout(arch, tp: int, pp: int) -> None:
-    """Raise ConvertError naming ``--tp``/``--pp`` when the model cannot be split that way."""
-    if tp < 1 or pp < 1:
-        raise ConvertError(f"--tp {tp} and --pp {pp} must be >= 1")
-    if arch.num_layers % pp:
-        raise ConvertError(f"--pp {pp} does not divide num_hidden_layers={arch.num_layers}")
-    if arch.heads % tp or arch.kv_heads % tp:
-        raise ConvertError(f"--tp {tp} must divide num_attention_heads={arch.heads} and "
-                           f"num_key_value_heads={arch.kv_heads}")
 
 
 def check_hf_checkpoint(hf_dir: Path, arch):
@@ -108,34 +96,46 @@ def _hf_dtype(hf_config: dict) -> str:
     return str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
 
 
-def read_sidecar(ckpt_dir: str | os.PathLike) -> dict:
-    """The sidecar of a checkpoint written by this module; ConvertError if absent or of another version."""
-    path = Path(ckpt_dir) / SIDECAR
-    if not path.is_file():
-        raise ConvertError(f"{ckpt_dir}: no {SIDECAR}; not a checkpoint written by oapl-convert or the trainer")
-    side = json.loads(path.read_text())
-    if side.get("format_version") != FORMAT_VERSION:
-        raise ConvertError(f"{path}: format_version {side.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-    if not (Path(ckpt_dir) / MODEL_SUBDIR / "metadata.json").is_file():
-        raise ConvertError(f"{ckpt_dir}/{MODEL_SUBDIR}: no dist_checkpointing metadata.json (incomplete save?)")
+def open_checkpoint(ckpt_dir: str | os.PathLike) -> dict:
+    """The sidecar of a complete checkpoint of either kind, after checking its manifest and file sizes.
+
+    CheckpointError naming the file: no sidecar (not a checkpoint), format 1, no ``COMPLETE`` (interrupted
+    save), a listed file missing or of another size. CRC-32s are not read here (that would read the whole
+    checkpoint once more); a corrupted tensor file fails in dist_checkpointing's load."""
+    from oapl_megatron.trainer.checkpoint.commit import read_manifest, validate_files
+
+    side = read_sidecar(ckpt_dir)
+    validate_files(Path(ckpt_dir), read_manifest(ckpt_dir))
     return side
+
+
+def run_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The newest complete checkpoint of a training run directory (``oapl-convert mcore-to-hf --run-dir``).
+
+    The checkpoint root is the run's ``checkpoint.dir`` from its resolved ``config.yaml`` (default
+    ``RUN/checkpoints``). Read-only: temp dirs of a save in progress are left alone."""
+    import yaml
+
+    from oapl_megatron.config.checkpoint import CheckpointConfig
+    from oapl_megatron.trainer.checkpoint.commit import latest_checkpoint
+
+    run_dir = Path(run_dir)
+    resolved = run_dir / "config.yaml"
+    if not resolved.is_file():
+        raise ConvertError(f"--run-dir {run_dir}: no config.yaml; not a run directory written by oapl-train")
+    section = (yaml.safe_load(resolved.read_text()) or {}).get("checkpoint") or {}
+    root = CheckpointConfig(**section).resolve_dir(run_dir)
+    path = latest_checkpoint(root, cleanup=False)
+    if path is None:
+        raise ConvertError(f"--run-dir {run_dir}: no complete checkpoint under {root} (checkpoint.every_steps = 0, "
+                           f"or the run ended before its first save)")
+    return path
 
 
 def _prepare_out(out_dir: Path) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConvertError(f"--out {out_dir} exists and is not empty; choose a new directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def copy_hf_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy config, generation config and tokenizer files (everything but weights and weight indexes)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for p in sorted(src.iterdir()):
-        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _WEIGHT_INDEXES:
-            shutil.copy2(p, dst / p.name)
-            copied.append(p.name)
-    return copied
 
 
 def parse_size(text: str) -> int:
@@ -154,12 +154,13 @@ def parse_size(text: str) -> int:
 
 def hf_to_mcore(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype: str = "auto", timeout_s: float = 1800) -> dict:
     """Convert an HF directory into a Megatron checkpoint written at ``tp``·``pp``; returns the sidecar."""
+    from oapl_megatron.models.builder import check_layout
     from oapl_megatron.models.hf_config import arch_from_hf, load_hf_config
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_config, _ = load_hf_config(hf_dir)
     arch = arch_from_hf(hf_dir)
-    check_layout(arch, tp, pp)
+    check_layout(arch, tp, pp, flags=True)
     check_hf_checkpoint(hf_dir, arch)
     if dtype == "auto":
         dtype = "bfloat16" if _hf_dtype(hf_config) == "bfloat16" else "float32"
@@ -168,13 +169,10 @@ def hf_to_mcore(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype: str = "auto", 
     if dtype not in ("float32", "bfloat16"):
         raise ConvertError(f"--dtype {dtype}: the Megatron checkpoint is float32 or bfloat16 (fp16 → use fp32)")
     _prepare_out(out_dir)
-    copy_hf_side_files(hf_dir, out_dir / HF_SUBDIR)
-    side = {"format_version": FORMAT_VERSION, "arch": dataclasses.asdict(arch), "tp": tp, "pp": pp, "vpp": None,
-            "layer_spec": "local", "dtype": dtype, "hf_source": str(hf_dir.resolve())}
-    (out_dir / MODEL_SUBDIR).mkdir()
+    side = model_sidecar(arch, tp, pp, None, "local", dtype, hf_dir)
     _run_world(tp * pp, {"job": "hf_to_mcore", "tp": tp, "pp": pp, "hf_dir": str(hf_dir), "out": str(out_dir),
                          "side": side, "timeout_s": timeout_s})
-    (out_dir / SIDECAR).write_text(json.dumps(side, indent=2))  # last: its presence marks a complete checkpoint
+    _finish(out_dir, hf_dir, side)
     return side
 
 
@@ -182,11 +180,12 @@ def mcore_to_hf(ckpt_dir, out_dir, dtype: str | None = None, workers: int = 1, m
                 timeout_s: float = 1800) -> list[str]:
     """Write an HF directory (safetensors + config.json + tokenizer files); returns the weight file names.
 
-    ``dtype``: bf16 | fp16 | fp32; default the dtype in the original HF config. ``workers``: pipeline stages used
-    to read the checkpoint (must divide the layer count).
+    ``ckpt_dir``: a checkpoint of either kind (a trainer's ``step_*`` dir or ``hf_to_mcore``/``reshard``
+    output); only the model is read. ``dtype``: bf16 | fp16 | fp32; default the dtype in the original HF config.
+    ``workers``: pipeline stages used to read the checkpoint (must divide the layer count).
     """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    side = read_sidecar(ckpt_dir)
+    side = open_checkpoint(ckpt_dir)
     hf_config = json.loads((ckpt_dir / HF_SUBDIR / "config.json").read_text())
     out_dtype = DTYPE_NAMES[dtype] if dtype else _hf_dtype(hf_config)
     if out_dtype not in DTYPE_NAMES.values():
@@ -201,20 +200,29 @@ def mcore_to_hf(ckpt_dir, out_dir, dtype: str | None = None, workers: int = 1, m
 
 
 def reshard(ckpt_dir, out_dir, tp: int, pp: int, timeout_s: float = 1800) -> dict:
-    """Rewrite a Megatron checkpoint in another layout (dist_checkpointing reshards on load); returns the sidecar."""
+    """Rewrite the model of a checkpoint (either kind) at another layout (dist_checkpointing reshards on load);
+    the output is a model-only checkpoint. Returns its sidecar."""
+    from oapl_megatron.models.builder import check_layout
     from oapl_megatron.models.hf_config import ArchSpec
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    side = dict(read_sidecar(ckpt_dir))
-    check_layout(ArchSpec(**side["arch"]), tp, pp)
+    side = dict(open_checkpoint(ckpt_dir))
+    check_layout(ArchSpec(**side["arch"]), tp, pp, flags=True)
     _prepare_out(out_dir)
-    copy_hf_side_files(ckpt_dir / HF_SUBDIR, out_dir / HF_SUBDIR)
     side.update(tp=tp, pp=pp, vpp=None)
-    (out_dir / MODEL_SUBDIR).mkdir()
     _run_world(tp * pp, {"job": "reshard", "tp": tp, "pp": pp, "ckpt": str(ckpt_dir), "out": str(out_dir),
                          "side": side, "timeout_s": timeout_s})
-    (out_dir / SIDECAR).write_text(json.dumps(side, indent=2))
+    _finish(out_dir, ckpt_dir / HF_SUBDIR, side)
     return side
+
+
+def _finish(out_dir: Path, hf_files: Path, side: dict) -> None:
+    """HF side files and sidecar next to the written model_optim/, then the manifest, last (one process)."""
+    from oapl_megatron.trainer.checkpoint.commit import seal, write_json
+
+    copy_hf_side_files(hf_files, out_dir / HF_SUBDIR)
+    write_json(side, out_dir / SIDECAR)
+    seal(out_dir, kind="model")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,6 +231,8 @@ def reshard(ckpt_dir, out_dir, tp: int, pp: int, timeout_s: float = 1800) -> dic
 
 
 def _free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -261,22 +271,15 @@ def _worker(rank: int | None, world: int, port: int, job: dict) -> None:
     finally:
         shutdown()
     if rank is not None:
+        from oapl_megatron.parallel.cpu_compat import stop_checkpoint_writer_manager
+
         # Everything is written and closed (the save and the HF writer are synchronous). A spawned rank that has
         # imported torch + megatron spends 5-25 s in interpreter teardown on a busy 2-core machine; skip it, after
-        # stopping the one helper process dist_checkpointing starts (its result-queue Manager) so none is orphaned.
-        _stop_checkpoint_manager()
+        # stopping the one helper process dist_checkpointing starts, so none is orphaned.
+        stop_checkpoint_writer_manager()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-
-def _stop_checkpoint_manager() -> None:
-    """Shut down the spawn-context Manager behind megatron's async-writer result queue, if one was started
-    (megatron-core 0.16.1 ``dist_checkpointing/strategies/filesystem_async.py::_results_queue``)."""
-    fa = sys.modules.get("megatron.core.dist_checkpointing.strategies.filesystem_async")
-    manager = getattr(getattr(fa, "_results_queue", None), "_manager", None)
-    if manager is not None:
-        manager.shutdown()
 
 
 def _build(ctx, side: dict):
@@ -285,38 +288,10 @@ def _build(ctx, side: dict):
     from oapl_megatron.models.hf_config import ArchSpec
 
     arch = ArchSpec(**side["arch"])
+    # The local spec on any machine: its sharded-state keys equal the TE spec's (megatron maps the layer norms),
+    # so a checkpoint written with either loads.
     chunks = build_policy(arch, ModelConfig(transformer_impl="local", params_dtype=side["dtype"]), ctx)
     return arch, chunks
-
-
-def sharded_model_state(chunks) -> dict:
-    """``{"model": sharded_state_dict}`` (``model0``, ``model1``, … with virtual pipeline chunks)."""
-    from oapl_megatron.models.hf_io import unwrap
-
-    if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-
-
-def save_model_checkpoint(chunks, model_dir: str | os.PathLike) -> None:
-    """Collective over the world: dist_checkpointing torch_dist save of the model chunks."""
-    from megatron.core import dist_checkpointing
-
-    dist_checkpointing.save(sharded_model_state(chunks), str(model_dir))
-
-
-def load_model_checkpoint(chunks, model_dir: str | os.PathLike) -> None:
-    """Collective over the world: load a torch_dist model checkpoint (any layout) into the chunks in place."""
-    import torch
-    from megatron.core import dist_checkpointing
-
-    from oapl_megatron.models.hf_io import unwrap
-
-    with torch.no_grad():
-        state = dist_checkpointing.load(sharded_model_state(chunks), str(model_dir))
-        keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-        for key, chunk in zip(keys, chunks):
-            unwrap(chunk).load_state_dict(state[key], strict=True)
 
 
 def _progress(ctx, what: str):
@@ -328,24 +303,29 @@ def _progress(ctx, what: str):
 
 def _job_hf_to_mcore(ctx, job) -> None:
     from oapl_megatron.models.hf_io import load_hf_weights
+    from oapl_megatron.trainer.checkpoint import save_model_state
 
     arch, chunks = _build(ctx, job["side"])
     with _progress(ctx, "load HF tensors") as bar:
         task = bar.add_task("load", total=None)
         load_hf_weights(chunks, ctx, arch, job["hf_dir"],
                         progress=lambda done, total: bar.update(task, completed=done, total=total))
-    save_model_checkpoint(chunks, Path(job["out"]) / MODEL_SUBDIR)
+    save_model_state(chunks, job["out"])
 
 
 def _job_reshard(ctx, job) -> None:
+    from oapl_megatron.trainer.checkpoint import load_model_state, save_model_state
+
     _, chunks = _build(ctx, job["side"])
-    load_model_checkpoint(chunks, Path(job["ckpt"]) / MODEL_SUBDIR)
-    save_model_checkpoint(chunks, Path(job["out"]) / MODEL_SUBDIR)
+    load_model_state(chunks, job["ckpt"])
+    save_model_state(chunks, job["out"])
 
 
 def _job_mcore_to_hf(ctx, job) -> None:
+    from oapl_megatron.trainer.checkpoint import load_model_state
+
     arch, chunks = _build(ctx, job["side"])
-    load_model_checkpoint(chunks, Path(job["ckpt"]) / MODEL_SUBDIR)
+    load_model_state(chunks, job["ckpt"])
     write_hf_checkpoint(chunks, ctx, arch, job["out"], Path(job["ckpt"]) / HF_SUBDIR, job["out_dtype"],
                         job["max_shard_bytes"])
 

@@ -16,6 +16,7 @@ Run it as ``oapl-train CONFIG [dotted.overrides]`` under torchrun (see README).
 from __future__ import annotations
 
 import datetime
+import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class Driver:
     # policy version → the optimizer step after which the engines started serving it (the age of a sample in
     # optimizer steps is then (step − 1) − synced_at[version])
     synced_at: dict = field(default_factory=lambda: {0: 0})
+    eval_engines: object = None  # started on first use: evaluates the trainer's weights between sync points
+    eval_devices: str | None = None  # its CUDA_VISIBLE_DEVICES by the placement rule (None: eval.engine_devices)
 
 
 @dataclass
@@ -77,29 +80,63 @@ def run(cfg: RunConfig) -> dict:
             sync_weights(tr, driver, start_step, version=resumed["policy_version"])
         if driver is not None:
             driver.producer.start()
-            if cfg.eval.every and start_step == 0:
-                driver.log.step(0, {"policy_version": 0, **_evaluate(driver, cfg)})
+        if cfg.eval.every and start_step == 0:
+            evaluation = evaluate_policy(tr, driver, 0, synced=True)
+            if driver is not None:
+                driver.log.step(0, {"policy_version": 0, **evaluation})
         for step in range(start_step + 1, cfg.train.steps + 1):
             metrics = train_one_step(tr, driver, step)
             last_step = step == cfg.train.steps
-            if schedule.should_sync(step) or last_step:
+            synced = schedule.should_sync(step) or last_step
+            if synced:
                 metrics.update(sync_weights(tr, driver, step))
             if cfg.checkpoint.due(step) or (last_step and _final_save(cfg, step, driver)):
                 metrics["checkpoint_s"] = save(tr, driver, step)
+            if cfg.eval.every and (step % cfg.eval.every == 0 or last_step):
+                metrics.update(evaluate_policy(tr, driver, step, synced))
             if driver is not None:
-                if cfg.eval.every and (step % cfg.eval.every == 0 or last_step):
-                    metrics.update(_evaluate(driver, cfg))
                 driver.log.step(step, metrics)
                 last = metrics
+            if schedule.should_sync(step) and not last_step and _preemption_requested(tr):
+                _checkpoint_and_exit(tr, driver, step, saved="checkpoint_s" in metrics)
         if cfg.export.final_hf:
             export_hf(tr, Path(cfg.run_dir) / "final_hf", driver)
     finally:
         if driver is not None:
             driver.producer.stop()
             driver.engines.shutdown()
+            if driver.eval_engines is not None:
+                driver.eval_engines.shutdown()
             driver.log.close()
         shutdown()
     return last
+
+
+# Exit code of every trainer rank after a preemption checkpoint (EX_TEMPFAIL: "try again"); torchrun reports it as
+# a failure, so the Slurm batch script looks for run_dir/preempted.json instead.
+PREEMPTED_EXIT_CODE = 75
+PREEMPT_REQUEST = "PREEMPT"       # run_dir/PREEMPT: written by the batch script's SIGTERM trap (launch/templates)
+PREEMPTED_MARKER = "preempted.json"
+
+
+def _preemption_requested(tr: Trainer) -> bool:
+    """Collective at a sync point: rank 0 looks for run_dir/PREEMPT, every rank gets its answer."""
+    asked = (Path(tr.cfg.run_dir) / PREEMPT_REQUEST).exists() if tr.ctx.rank == 0 else None
+    return bool(_broadcast_object(asked, tr))
+
+
+def _checkpoint_and_exit(tr: Trainer, driver: Driver | None, step: int, saved: bool) -> None:
+    """Preemption: a resumable checkpoint at this sync point (unless one was just taken), a marker for the batch
+    script, then exit every rank with PREEMPTED_EXIT_CODE (run()'s finally stops the engines)."""
+    import json
+
+    seconds = 0.0 if saved else save(tr, driver, step)
+    if driver is not None:
+        marker = {"step": step, "policy_version": driver.engines.version, "checkpoint_s": round(seconds, 3)}
+        (Path(tr.cfg.run_dir) / PREEMPTED_MARKER).write_text(json.dumps(marker))
+        driver.log.print(f"[oapl-train] preemption requested: checkpointed step {step}; exiting with code "
+                         f"{PREEMPTED_EXIT_CODE} (resume with --resume)")
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def _final_save(cfg: RunConfig, step: int, driver: Driver | None) -> bool:
@@ -151,7 +188,8 @@ def save(tr: Trainer, driver: Driver | None, step: int) -> float:
                  # every version consumed exactly its L × P groups, so the prompt cursor is step × P
                  "prompts_consumed": step * tr.cfg.train.prompts_per_step}
     save_checkpoint(tr.cfg.checkpoint.resolve_dir(Path(tr.cfg.run_dir)), step, tr.state, tr.ctx, extra or {},
-                    keep_last=tr.cfg.checkpoint.keep_last, config=tr.cfg.model_dump(mode="json"))
+                    keep_last=tr.cfg.checkpoint.keep_last, hf_dir=tr.cfg.model.hf_path,
+                    config=tr.cfg.model_dump(mode="json"))
     return time.perf_counter() - t0
 
 
@@ -192,7 +230,9 @@ def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
     run_dir = Path(cfg.run_dir)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     task = make_task(cfg.task, tokenizer)
-    engines = EngineGroup(cfg.model.hf_path, cfg.rollout, cfg.weight_sync, log_dir=run_dir / "engines").start()
+    devices = _engine_devices(cfg)
+    engines = EngineGroup(cfg.model.hf_path, cfg.rollout, cfg.weight_sync, log_dir=run_dir / "engines",
+                          engine_devices=devices[:cfg.rollout.engines] if devices else None).start()
     try:
         buffer = RolloutBuffer(cfg.loop.buffer_groups, cfg.loop.buffer, cfg.loop.max_staleness)
         budget = cfg.loop.lag * cfg.train.prompts_per_step if cfg.loop.buffer == "clear" else None
@@ -203,7 +243,33 @@ def setup_driver(tr: Trainer, start_step: int = 0) -> Driver:
     except BaseException:
         engines.shutdown()
         raise
-    return Driver(engines, producer, buffer, task, tokenizer, log, synced_at={engines.version: start_step})
+    driver = Driver(engines, producer, buffer, task, tokenizer, log, synced_at={engines.version: start_step})
+    if devices and len(devices) > cfg.rollout.engines:
+        driver.eval_devices = devices[-1]
+    return driver
+
+
+def _needs_eval_engine(cfg: RunConfig) -> bool:
+    """eval.policy=current evaluates between sync points on an evaluation engine of its own (see evaluate_policy)."""
+    return bool(cfg.eval.every) and cfg.eval.policy == "current" and cfg.eval.every % cfg.loop.lag != 0
+
+
+def _engine_devices(cfg: RunConfig) -> list[str | None] | None:
+    """Local mode: CUDA_VISIBLE_DEVICES of each generation engine by the placement rule (trainer local ranks on GPUs
+    0..T−1, engines on the next engine_tp GPUs each, or rollout.devices), then of the evaluation engine when one is
+    needed and eval.engine_devices is unset; None everywhere on a CPU node."""
+    if cfg.rollout.mode != "local":
+        return None
+    from oapl_megatron.launch.placement import parse_visible, place_node
+
+    extra = _needs_eval_engine(cfg) and cfg.eval.engine_devices is None and cfg.rollout.devices is None
+    engines = cfg.rollout.engines + int(extra)
+    place = place_node(torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), engines,
+                       cfg.rollout.engine_tp, cfg.rollout.devices,
+                       visible=parse_visible(os.environ.get("CUDA_VISIBLE_DEVICES")),
+                       ranks_field="torchrun --nproc-per-node")
+    print(f"[oapl-train] {place.describe()}" + (f" (engine {engines - 1}: evaluation)" if extra else ""), flush=True)
+    return [place.engine_env(i).get("CUDA_VISIBLE_DEVICES") for i in range(engines)]
 
 
 def _broadcast_object(obj, tr: Trainer):
@@ -316,10 +382,42 @@ def _copy_into_frozen(tr: Trainer) -> None:
             p.copy_(params[name])
 
 
-def _evaluate(driver: Driver, cfg: RunConfig) -> dict:
+def evaluate_policy(tr: Trainer, driver: Driver | None, step: int, synced: bool) -> dict:
+    """Held-out evaluation after optimizer step ``step`` (``synced``: the generation engines were just synced, so
+    they serve the trainer's current weights). Collective when eval.policy=current between sync points (every rank
+    takes part in the weight gather for the evaluation engine); returns the metrics on rank 0, {} elsewhere."""
     from oapl_megatron.orchestrator.evaluation import evaluate
 
-    return evaluate(driver.engines, driver.task, driver.tokenizer, cfg.eval, cfg.rollout)
+    cfg = tr.cfg
+    if cfg.eval.policy == "served" or synced:
+        if driver is None:
+            return {}
+        served_step = driver.synced_at[driver.engines.version]
+        out = evaluate(driver.engines, driver.task, driver.tokenizer, cfg.eval, cfg.rollout)
+        out.update(eval_policy="current" if served_step == step else "served", eval_weights_step=served_step)
+        return out
+    named = iter_hf_weights(tr.state.chunks, tr.ctx, tr.arch, dst_rank=0, include_tied_lm_head=True)
+    if driver is None:
+        for _ in named:  # ranks other than 0 take part in the gather
+            pass
+        return {}
+    engines = _eval_engines(driver, cfg)
+    engines.sync_weights(named)
+    out = evaluate(engines, driver.task, driver.tokenizer, cfg.eval, cfg.rollout)
+    out.update(eval_policy="current", eval_weights_step=step)
+    return out
+
+
+def _eval_engines(driver: Driver, cfg: RunConfig):
+    """The evaluation engine (one, local), started on first use."""
+    if driver.eval_engines is None:
+        from oapl_megatron.rollout.engine_group import EngineGroup
+
+        rollout = cfg.rollout.model_copy(update={"engines": 1, "mode": "local", "addresses": []})
+        driver.eval_engines = EngineGroup(cfg.model.hf_path, rollout, cfg.weight_sync,
+                                          log_dir=Path(cfg.run_dir) / "eval_engine",
+                                          engine_devices=[cfg.eval.engine_devices or driver.eval_devices]).start()
+    return driver.eval_engines
 
 
 def export_hf(tr: Trainer, out_dir: Path, driver: Driver | None) -> None:

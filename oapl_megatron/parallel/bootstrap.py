@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 from datetime import timedelta
 
 import torch
@@ -29,6 +28,7 @@ import torch.distributed as dist
 
 from oapl_megatron.config.loader import ConfigError
 from oapl_megatron.config.schema import ParallelConfig
+from oapl_megatron.parallel.rng import seed_host_rngs
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -126,14 +126,7 @@ def _init_model_parallel(tp: int, pp: int, vpp: int | None) -> ParallelContext:
     # Same seed on every rank: the CPU/host generators are equal everywhere, which megatron's CPU weight
     # initialisation relies on (every TP rank builds the full master weight and keeps its shard). The tracker
     # then gives TP-region dropout a per-TP-rank stream (seed + 2718 + tp_rank).
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # numpy is a megatron dependency; this is only for minimal environments
-        pass
+    seed_host_rngs(seed)
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     return _make_context(tp, pp, vpp)
 

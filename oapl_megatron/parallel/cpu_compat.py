@@ -64,6 +64,10 @@ Two more workarounds, for megatron's torch-Adam fallback (no Apex, no TE: always
 the checkpoint loader around ``dist_checkpointing.load``: :func:`materialise_fresh_adam_state` and
 :func:`restore_adam_steps` (see their docstrings; they do nothing when megatron has Apex or TE).
 
+One private megatron internal that is not about CUDA lives here too: :func:`stop_checkpoint_writer_manager` shuts
+down the spawn-context ``Manager`` behind ``dist_checkpointing``'s async-writer result queue (module global
+``_results_queue``), which ``oapl-convert``'s spawned ranks stop before skipping interpreter teardown.
+
 Use::
 
     from oapl_megatron.parallel.cpu_compat import apply_cpu_compat
@@ -416,7 +420,7 @@ def is_applied() -> bool:
 
 # ------------------------------------------------------------------ the torch-Adam fallback (no Apex, no TE)
 # Without Apex or Transformer Engine, megatron-core's DistributedOptimizer wraps a plain torch Adam, and two of
-# its checkpoint paths assume the fused Adam's state layout. trainer/checkpoint.py calls these around
+# its checkpoint paths assume the fused Adam's state layout. trainer/checkpoint/load.py calls these around
 # dist_checkpointing.load; they do nothing when megatron has Apex or TE. Exercised by tests/test_checkpoint.py
 # (resume gives bitwise-identical Adam state and next steps at TP1 and TP2, and with the DP size changed).
 
@@ -484,3 +488,35 @@ def restore_adam_steps(optimizer, loaded: dict) -> None:
         for st in opt.optimizer.state.values():
             st["step"] = torch.full_like(st["step"], step) if torch.is_tensor(st.get("step")) \
                 else torch.tensor(step, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------ dist_checkpointing's result-queue Manager
+
+_FILESYSTEM_ASYNC = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+
+
+def stop_checkpoint_writer_manager() -> bool:
+    """Shut down the Manager process behind megatron's checkpoint-writer result queue, if one was started.
+
+    megatron-core 0.16.1 ``dist_checkpointing/strategies/filesystem_async.py`` starts a spawn-context
+    ``multiprocessing.Manager`` on the first save of a process and keeps its queue in the module global
+    ``_results_queue`` (the Manager is reachable only as the queue proxy's ``_manager``). A process that ends
+    with ``os._exit`` (skipping interpreter teardown) would orphan it. The global is reset, so a later save in
+    this process starts a fresh Manager. Returns whether a Manager was stopped; raises RuntimeError on another
+    megatron-core version once a save has started one (the internals are version-specific).
+    """
+    import sys
+
+    module = sys.modules.get(_FILESYSTEM_ASYNC)
+    queue = getattr(module, "_results_queue", None)
+    if queue is None:
+        return False  # no save in this process (or the module is not even imported)
+    import megatron.core
+
+    check_megatron_version(megatron.core.__version__)
+    manager = getattr(queue, "_manager", None)
+    module._results_queue = None
+    if manager is None:
+        return False
+    manager.shutdown()
+    return True

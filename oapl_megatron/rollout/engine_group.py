@@ -3,7 +3,8 @@
 Each engine is one vLLM engine (its own TP size) in its own process, served by
 :mod:`oapl_megatron.rollout.engine_server` and reached through an
 :class:`~oapl_megatron.rollout.engine_client.EngineClient`. In ``local`` mode the group spawns the servers (they die with the
-trainer: ``PR_SET_PDEATHSIG``); in ``cluster`` mode it attaches to servers already running at ``host:port``.
+trainer: ``PR_SET_PDEATHSIG``); in ``cluster`` mode it attaches to servers already running at ``host:port``
+(``rollout.addresses``) or, without addresses, to the servers that registered in ``<log_dir>/registry``.
 
 Use::
 
@@ -22,6 +23,7 @@ engine: polite request → SIGTERM → SIGKILL of its whole process group; no or
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 import tempfile
@@ -36,8 +38,8 @@ import torch
 
 from oapl_megatron.config.rollout import RolloutConfig, WeightSyncConfig
 from oapl_megatron.rollout.engine_client import EngineClient, EngineError
-from oapl_megatron.rollout.engine_process import register_group, spawn_engine_server, unregister_group
-from oapl_megatron.rollout.engine_server import EngineSpec
+from oapl_megatron.rollout.engine_process import engine_spec, register_group, spawn_engine_server, unregister_group
+from oapl_megatron.rollout.engine_server import AUTHKEY_ENV
 from oapl_megatron.rollout.types import GenerationRequest, Sample, SamplingSpec
 from oapl_megatron.weight_sync.bucket import TensorMeta
 from oapl_megatron.weight_sync.sync import SyncError, SyncHooks, SyncReport, run_sync
@@ -55,6 +57,12 @@ class EngineGroup:
         self.cfg = rollout
         self.sync_cfg = weight_sync or WeightSyncConfig()
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="oapl_engines_"))
+        if authkey is None and rollout.mode == "cluster":
+            # Engine servers started elsewhere (e.g. by the Slurm batch script) share the key through the environment.
+            key_hex = os.environ.get(AUTHKEY_ENV)
+            if not key_hex:
+                raise ValueError(f"rollout.mode=cluster: set {AUTHKEY_ENV} (hex) to the engine servers' authkey")
+            authkey = bytes.fromhex(key_hex)
         self.authkey = authkey or secrets.token_bytes(32)
         self.engine_devices = list(engine_devices) if engine_devices is not None else [None] * rollout.engines
         if len(self.engine_devices) != rollout.engines:
@@ -86,10 +94,7 @@ class EngineGroup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         pending = []
         for i in range(self.cfg.engines):
-            spec = EngineSpec(model=self.model, engine_id=i, tp=self.cfg.engine_tp, dtype=self.cfg.dtype,
-                              max_model_len=self.cfg.max_model_len, kv_cache_bytes=self.cfg.kv_cache_bytes,
-                              enforce_eager=self.cfg.enforce_eager,
-                              gpu_memory_utilization=self.cfg.gpu_memory_utilization, seed=self.cfg.seed)
+            spec = engine_spec(self.model, self.cfg, i)
             proc, ready, log = spawn_engine_server(spec, self.log_dir, self.authkey,
                                                    cuda_visible_devices=self.engine_devices[i])
             pending.append((i, proc, ready, log))
@@ -111,8 +116,27 @@ class EngineGroup:
             client.address = (info["host"], int(info["port"]))
             client.connect(max(1.0, deadline - time.monotonic()))
 
+    def _registered_addresses(self) -> list[str]:
+        """Wait (≤ rollout.start_timeout_s) until every engine has written ``<log_dir>/registry/engine<i>.json``
+        (the engine server's ``--register-dir``); the error names the engines that never registered."""
+        registry = self.log_dir / "registry"
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        files = [registry / f"engine{i}.json" for i in range(self.cfg.engines)]
+        while not all(f.exists() for f in files):
+            if time.monotonic() > deadline:
+                missing = [i for i, f in enumerate(files) if not f.exists()]
+                raise EngineError(f"engines {missing} did not register in {registry} within "
+                                  f"{self.cfg.start_timeout_s:.0f}s (rollout.start_timeout_s); see their logs",
+                                  missing[0], "register")
+            time.sleep(0.5)
+        infos = [json.loads(f.read_text()) for f in files]
+        print(f"[engines] registered: " + ", ".join(f"engine {i} at {d['host']}:{d['port']} (pid {d['pid']})"
+                                                    for i, d in enumerate(infos)), flush=True)
+        return [f"{d['host']}:{d['port']}" for d in infos]
+
     def _attach_cluster(self) -> None:
-        for i, addr in enumerate(self.cfg.addresses):
+        addresses = self.cfg.addresses or self._registered_addresses()
+        for i, addr in enumerate(addresses):
             host, _, port = addr.rpartition(":")
             client = EngineClient(i, (host, int(port)), self.authkey, self.cfg.engine_tp,
                                   control_timeout_s=self.cfg.control_timeout_s,

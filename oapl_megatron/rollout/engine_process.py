@@ -26,6 +26,14 @@ from oapl_megatron.rollout.engine_server import AUTHKEY_ENV, EngineSpec
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def engine_spec(model: str, rollout, engine_id: int) -> EngineSpec:
+    """The spec of engine ``engine_id`` of a :class:`~oapl_megatron.config.rollout.RolloutConfig`."""
+    return EngineSpec(model=model, engine_id=engine_id, tp=rollout.engine_tp, dtype=rollout.dtype,
+                      max_model_len=rollout.max_model_len, kv_cache_bytes=rollout.kv_cache_bytes,
+                      enforce_eager=rollout.enforce_eager, gpu_memory_utilization=rollout.gpu_memory_utilization,
+                      seed=rollout.seed)
+
+
 def spawn_engine_server(spec: EngineSpec, log_dir: Path, authkey: bytes, *,
                         cuda_visible_devices: str | None = None) -> tuple[subprocess.Popen, Path, Path]:
     """Start the server of ``spec.engine_id``; returns (process, ready file, log file). Must be called from the

@@ -3,13 +3,17 @@
 Run under torchrun (several ranks) or as a plain process (a world of one) with one JSON argument::
 
     {"mode": "train", "tp": 1, "pp": 1, "steps": 4, "dropout": 0.1, "root": ".../ckpt", "save_at": [2],
-     "keep_last": 2, "resume": null | "latest" | "<dir>", "record_at": [2], "out": "name"}
+     "keep_last": 2, "resume": null | "latest" | "<dir>", "record_at": [2], "out": "name",
+     "pause": null | {"phase": "after_model_optim" | "before_commit", "step": 3, "signal": ".../paused"}}
     {"mode": "check_after_kill", "root": ".../ckpt", "out": "name"}
 
 ``train``: steps ``resume step .. steps-1`` of OAPL on batches that depend only on the step index (the data
 cursor), saving at the listed step counts. Rank 0 writes ``$OAPL_TEST_OUT/{out}.pt`` with the per-step losses, the
 full HF-named weights after the last step (and after load / at ``record_at`` steps), the ``extra`` dict returned
 by the load, and every rank's Adam state (exp_avg, exp_avg_sq, step per parameter shard, gathered to rank 0).
+With ``pause``, the save of that step stops at that phase (save_checkpoint's ``on_phase`` seam): rank 0 writes
+the signal file, every rank that reaches the phase sleeps until the test SIGKILLs it. The tiny HF model is
+written to ``{root}_hf`` (the checkpoint's ``hf_dir``).
 ``check_after_kill``: after a saver was SIGKILLed mid-save — find the latest checkpoint, load it, save the next
 step, and try loading damaged copies (truncated, flipped byte, missing file, missing marker).
 """
@@ -20,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 # Only the standard library at module level: dist_checkpointing's first save starts a spawn-context Manager whose
@@ -101,8 +106,34 @@ def adam_state(state, ctx) -> list:
     return allr
 
 
+def hf_source(model, spec, ctx) -> Path:
+    """The HF directory of the tiny model (config, weights) next to the checkpoint root: the save's ``hf_dir``."""
+    hf_dir = Path(f"{spec['root']}_hf")
+    if ctx.rank == 0 and not hf_dir.exists():
+        model.save_pretrained(hf_dir)
+    dist.barrier()
+    return hf_dir
+
+
+def pause_hook(spec, step: int, rank: int):
+    """``on_phase`` for the save of ``step``: stop at spec["pause"]["phase"] (see the module docstring)."""
+    pause = spec.get("pause")
+    if not pause or pause["step"] != step:
+        return None
+
+    def on_phase(phase: str) -> None:
+        if phase != pause["phase"]:
+            return
+        if rank == 0:
+            Path(pause["signal"]).write_text(phase)
+        time.sleep(3600)  # the test SIGKILLs us here
+
+    return on_phase
+
+
 def train(ctx, spec, out_dir: Path):
     model = make_model(spec.get("family", "qwen3_untied"), seed=0)
+    hf_dir = hf_source(model, spec, ctx)
     arch = arch_from_hf(model.config)
     hf_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     padded = make_vocab_padding(arch.vocab_size, ctx.tp)
@@ -129,7 +160,8 @@ def train(ctx, spec, out_dir: Path):
             extra = {"step": step + 1, "cursor": step + 1, "losses": dict(res["losses"]),
                      "buffer": [{"version": step, "tokens": list(range(step + 3))}]}
             save_checkpoint(spec["root"], step + 1, state, ctx, extra, keep_last=spec.get("keep_last", 2),
-                            config={"note": "checkpoint test", "layout": [ctx.tp, ctx.pp, ctx.dp]})
+                            hf_dir=hf_dir, config={"note": "checkpoint test", "layout": [ctx.tp, ctx.pp, ctx.dp]},
+                            on_phase=pause_hook(spec, step + 1, ctx.rank))
         if step + 1 in spec.get("record_at", []):
             res["recorded"][step + 1] = weights(state, ctx, arch)
             res.setdefault("adam_recorded", {})[step + 1] = adam_state(state, ctx)
@@ -182,7 +214,7 @@ def check_after_kill(ctx, spec, out_dir: Path):
     batch = build_step_batch(records_for_step(step, arch.vocab_size), dp_rank=0, dp_size=1, micro_batch_size=2,
                              pad_id=0)
     train_step(state, batch, OBJ, ctx, arch.vocab_size, padded)
-    save_checkpoint(root, step + 1, state, ctx, {"step": step + 1}, keep_last=2)
+    save_checkpoint(root, step + 1, state, ctx, {"step": step + 1}, keep_last=2, hf_dir=f"{root}_hf")
     res["dirs_after_save"] = sorted(p.name for p in root.iterdir())
     torch.save(res, out_dir / f"{spec['out']}.pt")
 
