@@ -1,4 +1,5 @@
-# Two commands that work on a fresh machine: `make demo` (the main job on CPU, end to end) and `make test`.
+# Two commands that work on a fresh machine: `make demo` (the main job on CPU, end to end; `make demo TASK=code`
+# for the code demo) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
@@ -11,7 +12,7 @@ setup:
 	@tools/setup_env.sh $(VENV)
 
 demo: setup
-	$(PY) -m oapl_megatron.entrypoints.demo $(ARGS)
+	$(PY) -m oapl_megatron.entrypoints.demo $(if $(TASK),--task $(TASK)) $(ARGS)
 
 test: setup
 	@start=$$(date +%s); \

@@ -1,4 +1,4 @@
-"""Attack suite and basics of the code sandbox (oapl_megatron/tasks/sandbox.py), with real child processes.
+"""Attack suite and basics of the code sandbox (oapl_megatron/tasks/sandbox/), with real child processes.
 
 Every hostile program in tests/sandbox_attacks/ (each says what it attacks in its first line) is scored through
 ``code_reward`` against the expected output "PWNED": contained means reward 0 with a stated reason, the test
@@ -27,7 +27,8 @@ import pytest
 
 from oapl_megatron.config.sandbox import CodeRewardConfig, SandboxConfig
 from oapl_megatron.tasks.code_reward import code_reward
-from oapl_megatron.tasks.sandbox import SandboxUnavailable, _cgroup_v1_roots, isolation_report, run_many, run_sandboxed
+from oapl_megatron.tasks.sandbox import SandboxUnavailable, isolation_report, run_many, run_sandboxed
+from oapl_megatron.tasks.sandbox.resources import cgroup_v1_roots
 
 ATTACK_DIR = Path(__file__).parent / "sandbox_attacks"
 REPO = Path(__file__).resolve().parent.parent
@@ -216,7 +217,7 @@ def test_no_process_or_directory_left_behind(outcomes, env):
     assert {c.pid for c in psutil.Process().children(recursive=True)} - env.children_before == set()
     assert _sandbox_uid_procs() == []
     assert _sandbox_workdirs() - env.workdirs_before == set()
-    for _, root in _cgroup_v1_roots(("pids", "memory")):
+    for _, root in cgroup_v1_roots(("pids", "memory")):
         assert list(Path(root).glob(f"oapl_sbx_{os.getpid()}_*")) == []
 
 
@@ -293,3 +294,25 @@ def test_cpu_limit_fires():
     d = r["details"][0]
     assert (r["reward"], d["reason"], d["killed_reason"]) == (0.0, "cpu_limit", "signal:SIGXCPU"), d
     assert 0.8 <= d["cpu_s"] < 3.0 and d["wall_s"] < 15.0  # rusage is tick-granular
+
+
+def test_slots_are_exclusive_across_processes(tmp_path):
+    """A slot (its uid) held by another process is never handed out here, and is free again once it exits."""
+    from oapl_megatron.tasks.sandbox.resources import SlotPool
+
+    base = 61000 + 7000  # a uid range no other test uses
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from oapl_megatron.tasks.sandbox.resources import SlotPool; "
+         f"p = SlotPool(); print(p.acquire(2, {base})); sys.stdout.flush(); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        here = SlotPool()
+        assert here.acquire(2, base) == 1  # slot 0 is locked by the other process
+        with pytest.raises(TimeoutError, match="no free sandbox slot"):
+            here.acquire(2, base, timeout_s=0.3)
+        here.release(1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert SlotPool().acquire(2, base, timeout_s=5) == 0  # the kernel dropped the dead holder's lock

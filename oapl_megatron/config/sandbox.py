@@ -1,8 +1,8 @@
 """Typed configs for running untrusted code: :class:`SandboxConfig` (limits, isolation) and :class:`CodeRewardConfig`.
 
 Used by :func:`oapl_megatron.tasks.sandbox.run_sandboxed` and :func:`oapl_megatron.tasks.code_reward.code_reward`.
-The defaults suit competitive-programming tests (one short Python program per test case). To wire into a run
-config, add ``code_reward: CodeRewardConfig`` to the task section of ``RunConfig``.
+The defaults suit competitive-programming tests (one short Python program per test case). A run config holds a
+:class:`CodeRewardConfig` in the code task's section (``task.code_reward``, see :mod:`oapl_megatron.config.task`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,12 @@ class CodeRewardConfig(StrictModel):
         True, description="Without partial credit, skip the remaining tests after a failure (saves time)."
     )
     max_tests: int | None = Field(None, ge=1, description="Use at most this many test cases (the first ones).")
+    program_timeout_s: float | None = Field(
+        None, gt=0, le=86400,
+        description="Wall-clock budget of one response over all its tests; tests that would start past it are "
+        "not run and fail as 'program_timeout', and each test's wall limit is cut to what is left. None = no budget.")
+    answer_after: str | None = Field(
+        "</think>", description="Code is searched only after the last occurrence of this marker; None = everywhere.")
     float_rel_tol: float = Field(1e-6, ge=0, le=1, description="Relative tolerance for numeric tokens.")
     float_abs_tol: float = Field(1e-6, ge=0, le=1, description="Absolute tolerance for numeric tokens.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Limits of each test-case run.")

