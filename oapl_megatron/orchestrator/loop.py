@@ -427,6 +427,10 @@ def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
         metrics["dropped_stale_groups"] = driver.buffer.dropped_stale
         metrics.update(fault_metrics(driver.engines, driver.producer))
         metrics["checkpoint_failures"] = tr.faults.checkpoint_failures
+        pool = driver.producer.reward_stats()  # the reward pool: throughput and backlog (reasons in reward_pool.json)
+        metrics["reward_groups_pending"] = pool["groups_pending"]
+        metrics["reward_programs_per_s"] = pool["programs_per_s"]
+        metrics["reward_score_s_per_response"] = pool["score_s_per_response"]
     return metrics
 
 

@@ -36,27 +36,14 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from oapl_megatron.config.code import CodeDatasetTaskConfig, CodeFields
 from oapl_megatron.config.data import DatasetConfig
 from oapl_megatron.tasks.base import Prompt, RewardResult, Task
-from oapl_megatron.tasks.datasets import (
-    DataError,
-    DatasetStats,
-    PromptStream,
-    _check_local_file,
-    _scan_hub,
-    _scan_json,
-    _scan_jsonl,
-    _scan_table,
-    _validate_row,
-    render_prompt,
-)
+from oapl_megatron.tasks.datasets import DataError, DatasetStats, PromptStream, load_rows, render_prompt
 
 _PYTHON_TAGS = {"python", "python3", "py", "py3"}
-_MAX_EXAMPLES = 10
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,18 +90,6 @@ def extract_code(response: str, require_fence: bool = True, answer_after: str | 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
-def _records(cfg: DatasetConfig, columns: list[str]) -> Iterator[tuple[str, Iterator[tuple[str, Any]]]]:
-    if not cfg.is_local:
-        yield f"{cfg.source[0]}[{cfg.split}]", _scan_hub(cfg, columns)
-        return
-    for path in cfg.source:
-        builder = _check_local_file(path)
-        if builder == "json":
-            yield path, (_scan_json(path) if path.endswith(".json") else _scan_jsonl(path))
-        else:
-            yield path, _scan_table(path, builder, columns)
-
-
 def _optional_text(rec: dict, name: str | None, file: str, where: str) -> str | None:
     if name is None:
         return None
@@ -151,49 +126,23 @@ def _fn_name(rec: dict, fields: CodeFields, file: str, where: str) -> str | None
 def load_code_rows(cfg: DatasetConfig, fields: CodeFields) -> tuple[list[dict[str, Any]], DatasetStats]:
     """Read and validate every row: ``{prompt, tests (parsed cases' source object), id, starter_code, fn_name,
     num_tests, source, where}``. Malformed rows raise :class:`DataError` (file, line/row, field) or, with
-    ``cfg.on_bad_row == "skip"``, are counted in the returned stats."""
+    ``cfg.on_bad_row == "skip"``, are counted in the returned stats (the math loader's loop, with the code fields
+    added by :func:`_code_fields`)."""
+    columns = [c for c in (fields.starter_code, fields.fn_name, fields.metadata) if c]
+    return load_rows(cfg, extra_columns=columns,
+                     extend=lambda rec, row, file, where: _code_fields(rec, row, cfg, fields, file, where))
+
+
+def _code_fields(rec: dict, row: dict[str, Any], cfg: DatasetConfig, fields: CodeFields, file: str,
+                 where: str) -> None:
     from oapl_megatron.tasks.code_reward import parse_tests
 
-    stats = DatasetStats()
-    columns = [c for c in (cfg.fields.prompt, cfg.fields.tests, cfg.fields.id, fields.starter_code, fields.fn_name,
-                           fields.metadata) if c]
-    rows: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
-    for file, records in _records(cfg, columns):
-        stem = Path(file).stem
-        for where, rec in records:
-            stats.rows_read += 1
-            try:
-                if isinstance(rec, DataError):
-                    raise rec
-                row = _validate_row(rec, cfg, file, where)
-                row["starter_code"] = _optional_text(rec, fields.starter_code, file, where)
-                row["fn_name"] = _fn_name(rec, fields, file, where)
-                try:
-                    row["num_tests"] = len(parse_tests(row["tests"], row["fn_name"]))
-                except ValueError as e:
-                    raise DataError(file, where, cfg.fields.tests, str(e)) from None
-                row["id"] = row["id"] if row["id"] is not None else f"{stem}:{where.split()[-1]}"
-                if row["id"] in seen:
-                    raise DataError(file, where, cfg.fields.id or "id",
-                                    f"duplicate id {row['id']!r} (first at {seen[row['id']]})")
-            except DataError as e:
-                if cfg.on_bad_row == "error":
-                    raise
-                stats.bad_rows += 1
-                stats.bad_reasons[e.field] += 1
-                if len(stats.bad_examples) < _MAX_EXAMPLES:
-                    stats.bad_examples.append(str(e))
-                continue
-            seen[row["id"]] = f"{file} {where}"
-            row["source"], row["where"] = file, where
-            rows.append(row)
-            if cfg.limit is not None and len(rows) >= cfg.limit:
-                break
-        if cfg.limit is not None and len(rows) >= cfg.limit:
-            break
-    stats.rows_kept = len(rows)
-    return rows, stats
+    row["starter_code"] = _optional_text(rec, fields.starter_code, file, where)
+    row["fn_name"] = _fn_name(rec, fields, file, where)
+    try:
+        row["num_tests"] = len(parse_tests(row["tests"], row["fn_name"]))
+    except ValueError as e:
+        raise DataError(file, where, cfg.fields.tests, str(e)) from None
 
 
 def problem_text(row: dict[str, Any], template: str) -> str:

@@ -39,7 +39,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,8 +243,14 @@ def _check_local_file(path: str) -> str:
     return LOCAL_FORMATS[suffix]
 
 
-def load_rows(cfg: DatasetConfig) -> tuple[list[dict[str, Any]], DatasetStats]:
+def load_rows(cfg: DatasetConfig, extra_columns: Sequence[str] = (),
+              extend: Callable[[dict[str, Any], dict[str, Any], str, str], None] | None = None,
+              ) -> tuple[list[dict[str, Any]], DatasetStats]:
     """Read and validate every row of ``cfg.source``.
+
+    ``extra_columns``/``extend``: a task with fields of its own (code: starter code, function name) names the columns
+    to read and validates them in ``extend(record, row, file, where)``, which adds them to ``row`` or raises
+    :class:`DataError` — such a row is then reported or skipped and counted like any other malformed row.
 
     Returns:
         rows: dicts with ``prompt`` (str), ``answer`` (str | None), ``tests`` (list | dict | None), ``id`` (str;
@@ -256,7 +262,7 @@ def load_rows(cfg: DatasetConfig) -> tuple[list[dict[str, Any]], DatasetStats]:
             an unreadable source always.
     """
     stats = DatasetStats()
-    columns = [c for c in (cfg.fields.prompt, cfg.fields.answer, cfg.fields.tests, cfg.fields.id) if c]
+    columns = [c for c in (cfg.fields.prompt, cfg.fields.answer, cfg.fields.tests, cfg.fields.id, *extra_columns) if c]
     rows: list[dict[str, Any]] = []
     seen_ids: dict[str, str] = {}
 
@@ -279,6 +285,8 @@ def load_rows(cfg: DatasetConfig) -> tuple[list[dict[str, Any]], DatasetStats]:
                 if isinstance(rec, DataError):
                     raise rec
                 row = _validate_row(rec, cfg, file, where)
+                if extend is not None:
+                    extend(rec, row, file, where)
                 if row["id"] is None:
                     row["id"] = f"{stem}:{where.split()[-1]}"
                 if row["id"] in seen_ids:
