@@ -16,8 +16,11 @@ tokenizer's EOS string and one cut at the length limit does not.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,21 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def reward(self, prompt: Prompt, response_text: str) -> RewardResult:
         """Score ``response_text`` (see the module docstring for its form) against ``prompt``."""
+
+
+def first_distinct(items: Iterable[T], key: Callable[[T], str], size: int, budget: int, hint: str) -> list[T]:
+    """The first ``size`` items with distinct ``key`` (a synthetic task's held-out set), drawing at most ``budget``
+    items; fewer distinct ones than that is a config error (``hint`` says which settings to change)."""
+    seen: set[str] = set()
+    out: list[T] = []
+    for tries, item in enumerate(items):
+        if tries >= budget:
+            raise RuntimeError(f"found only {len(out)} distinct eval problems for task.eval_size={size} after {budget} "
+                               f"draws; {hint}")
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            out.append(item)
+            if len(out) == size:
+                break
+    return out

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from oapl_megatron.config.task import SyntheticTaskConfig
-from oapl_megatron.tasks.base import Prompt, RewardResult, Task
+from oapl_megatron.tasks.base import Prompt, RewardResult, Task, first_distinct
 from oapl_megatron.tasks.tokenizer import EOS
 
 _ANSWER_LINE = re.compile(r"#(-?\d+)")
@@ -149,20 +149,9 @@ class SyntheticArithmeticTask(Task):
             # ~size/eval_fraction draws are expected; the config validator keeps the eval split ≥ 2× eval_size,
             # so 20× that only runs out on a broken config or a degenerate sampling distribution.
             budget = int(20 * size / self.config.eval_fraction) + 10_000
-            seen: set[str] = set()
-            out: list[Prompt] = []
-            for tries, p in enumerate(self._problems(f"eval:{self.config.seed}", "eval")):
-                if tries >= budget:
-                    raise RuntimeError(
-                        f"found only {len(out)} distinct eval problems for task.eval_size={size} after {budget} "
-                        "draws; lower task.eval_size or widen task.max_terms/max_digits"
-                    )
-                if p.expression not in seen:
-                    seen.add(p.expression)
-                    out.append(self._prompt(p, "eval"))
-                    if len(out) == size:
-                        break
-            self._eval = out
+            problems = first_distinct(self._problems(f"eval:{self.config.seed}", "eval"), lambda p: p.expression,
+                                      size, budget, "lower task.eval_size or widen task.max_terms/max_digits")
+            self._eval = [self._prompt(p, "eval") for p in problems]
         return list(self._eval)
 
     def reward(self, prompt: Prompt, response_text: str) -> RewardResult:

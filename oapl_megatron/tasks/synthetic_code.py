@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from oapl_megatron.config.code import SyntheticCodeTaskConfig
-from oapl_megatron.tasks.base import Prompt, RewardResult, Task
+from oapl_megatron.tasks.base import Prompt, RewardResult, Task, first_distinct
 from oapl_megatron.tasks.tokenizer import EOS
 
 #: Characters of the character tokenizer for code tasks: enough for the demo's programs and for one-line
@@ -132,18 +132,11 @@ class SyntheticCodeTask(Task):
 
     def eval_prompts(self) -> list[Prompt]:
         if self._eval is None:
-            size, seen, out = self.config.eval_size, set(), []
+            size = self.config.eval_size
             budget = int(20 * size / self.config.eval_fraction) + 10_000
-            for tries, p in enumerate(self._problems(f"eval:{self.config.seed}", "eval")):
-                if tries >= budget:
-                    raise RuntimeError(f"found only {len(out)} distinct eval problems for task.eval_size={size}; "
-                                       "lower task.eval_size or raise task.max_value / task.max_args")
-                if p.text not in seen:
-                    seen.add(p.text)
-                    out.append(self._prompt(p, "eval"))
-                    if len(out) == size:
-                        break
-            self._eval = out
+            problems = first_distinct(self._problems(f"eval:{self.config.seed}", "eval"), lambda p: p.text, size,
+                                      budget, "lower task.eval_size or raise task.max_value / task.max_args")
+            self._eval = [self._prompt(p, "eval") for p in problems]
         return list(self._eval)
 
     def reward(self, prompt: Prompt, response_text: str) -> RewardResult:
