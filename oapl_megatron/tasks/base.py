@@ -57,6 +57,35 @@ class Task(abc.ABC):
         """Score ``response_text`` (see the module docstring for its form) against ``prompt``."""
 
 
+
+class GeneratedTask(Task):
+    """A task whose problems come from a seeded generator split by hash into train and held-out problems (the
+    synthetic tasks). Subclasses set ``config`` (with ``seed``, ``eval_size``, ``eval_fraction``) and implement
+    ``_problems(stream, split)`` (an endless, seeded stream of one split), ``_prompt(problem, split)``,
+    ``_eval_key(problem)`` (what makes two held-out problems the same) and ``EVAL_HINT`` (which settings to change when
+    there are too few distinct ones)."""
+
+    EVAL_HINT = "lower task.eval_size"
+    _eval: list[Prompt] | None = None
+
+    def train_prompts(self, seed: int) -> Iterator[Prompt]:
+        """Endless training prompts for ``seed`` (mixed with ``config.seed``); repeats are possible, eval never."""
+        for p in self._problems(f"train:{self.config.seed}:{seed}", "train"):
+            yield self._prompt(p, "train")
+
+    def eval_prompts(self) -> list[Prompt]:
+        """``config.eval_size`` distinct held-out prompts, fixed by ``config.seed``."""
+        if self._eval is None:
+            size = self.config.eval_size
+            # ~size/eval_fraction draws are expected; the config validators keep the eval split ≥ 2× eval_size,
+            # so 20× that only runs out on a broken config or a degenerate sampling distribution.
+            budget = int(20 * size / self.config.eval_fraction) + 10_000
+            problems = first_distinct(self._problems(f"eval:{self.config.seed}", "eval"), self._eval_key, size,
+                                      budget, self.EVAL_HINT)
+            self._eval = [self._prompt(p, "eval") for p in problems]
+        return list(self._eval)
+
+
 def first_distinct(items: Iterable[T], key: Callable[[T], str], size: int, budget: int, hint: str) -> list[T]:
     """The first ``size`` items with distinct ``key`` (a synthetic task's held-out set), drawing at most ``budget``
     items; fewer distinct ones than that is a config error (``hint`` says which settings to change)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from oapl_megatron.config.task import SyntheticTaskConfig
-from oapl_megatron.tasks.base import Prompt, RewardResult, Task, first_distinct
+from oapl_megatron.tasks.base import GeneratedTask, Prompt, RewardResult
 from oapl_megatron.tasks.tokenizer import EOS
 
 _ANSWER_LINE = re.compile(r"#(-?\d+)")
@@ -89,7 +89,7 @@ class SFTExample:
     corrupted: bool
 
 
-class SyntheticArithmeticTask(Task):
+class SyntheticArithmeticTask(GeneratedTask):
     """The synthetic arithmetic task (see the module docstring). ``eos_text`` is the EOS string the reward expects
     at the end of a response (the character tokenizer's ``</s>``)."""
 
@@ -98,7 +98,6 @@ class SyntheticArithmeticTask(Task):
             raise ValueError("eos_text must be a non-empty string (the tokenizer's EOS token text)")
         self.config = config
         self.eos_text = eos_text
-        self._eval: list[Prompt] | None = None
 
     # -- problems --------------------------------------------------------------------------------------------------
 
@@ -135,24 +134,11 @@ class SyntheticArithmeticTask(Task):
             if self.is_eval_problem(p.expression) == want_eval:
                 yield p
 
-    # -- Task interface --------------------------------------------------------------------------------------------
+    EVAL_HINT = "lower task.eval_size or widen task.max_terms/max_digits"
 
-    def train_prompts(self, seed: int) -> Iterator[Prompt]:
-        """Endless training prompts for ``seed`` (mixed with ``config.seed``); repeats are possible, eval never."""
-        for p in self._problems(f"train:{self.config.seed}:{seed}", "train"):
-            yield self._prompt(p, "train")
-
-    def eval_prompts(self) -> list[Prompt]:
-        """``config.eval_size`` distinct held-out prompts, fixed by ``config.seed``."""
-        if self._eval is None:
-            size = self.config.eval_size
-            # ~size/eval_fraction draws are expected; the config validator keeps the eval split ≥ 2× eval_size,
-            # so 20× that only runs out on a broken config or a degenerate sampling distribution.
-            budget = int(20 * size / self.config.eval_fraction) + 10_000
-            problems = first_distinct(self._problems(f"eval:{self.config.seed}", "eval"), lambda p: p.expression,
-                                      size, budget, "lower task.eval_size or widen task.max_terms/max_digits")
-            self._eval = [self._prompt(p, "eval") for p in problems]
-        return list(self._eval)
+    @staticmethod
+    def _eval_key(p) -> str:
+        return p.expression
 
     def reward(self, prompt: Prompt, response_text: str) -> RewardResult:
         """1.0 iff the response ends with ``#<answer>`` + EOS and nothing else after it; else 0.0.

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from oapl_megatron.config.code import SyntheticCodeTaskConfig
-from oapl_megatron.tasks.base import Prompt, RewardResult, Task, first_distinct
+from oapl_megatron.tasks.base import GeneratedTask, Prompt, RewardResult
 from oapl_megatron.tasks.tokenizer import EOS
 
 #: Characters of the character tokenizer for code tasks: enough for the demo's programs and for one-line
@@ -80,7 +80,7 @@ def _digest(text: str) -> bytes:
     return hashlib.sha256(("synthetic_code:" + text).encode()).digest()
 
 
-class SyntheticCodeTask(Task):
+class SyntheticCodeTask(GeneratedTask):
     """The synthetic code task (module docstring). ``eos_text`` is the EOS string a finished completion ends with."""
 
     def __init__(self, config: SyntheticCodeTaskConfig, eos_text: str = EOS) -> None:
@@ -89,7 +89,6 @@ class SyntheticCodeTask(Task):
         self.config = config
         self.eos_text = eos_text
         self.ops = tuple(config.operations.split(","))
-        self._eval: list[Prompt] | None = None
 
     @property
     def reward_workers(self) -> int:
@@ -124,20 +123,11 @@ class SyntheticCodeTask(Task):
         return Prompt(id=f"code-{_digest(p.text).hex()[:16]}", text=p.text + "\n", answer=str(p.value),
                       meta={"split": split, "op": p.op, "args": list(p.args)})
 
-    # -- Task interface --------------------------------------------------------------------------------------------
+    EVAL_HINT = "lower task.eval_size or raise task.max_value / task.max_args"
 
-    def train_prompts(self, seed: int) -> Iterator[Prompt]:
-        for p in self._problems(f"train:{self.config.seed}:{seed}", "train"):
-            yield self._prompt(p, "train")
-
-    def eval_prompts(self) -> list[Prompt]:
-        if self._eval is None:
-            size = self.config.eval_size
-            budget = int(20 * size / self.config.eval_fraction) + 10_000
-            problems = first_distinct(self._problems(f"eval:{self.config.seed}", "eval"), lambda p: p.text, size,
-                                      budget, "lower task.eval_size or raise task.max_value / task.max_args")
-            self._eval = [self._prompt(p, "eval") for p in problems]
-        return list(self._eval)
+    @staticmethod
+    def _eval_key(p) -> str:
+        return p.text
 
     def reward(self, prompt: Prompt, response_text: str) -> RewardResult:
         """Run the program in the sandbox; ``info``: ``reason`` (passed | no_eos | text_after_eos | no_code | the
