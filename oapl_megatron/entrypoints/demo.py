@@ -51,6 +51,9 @@ def _task_setup(cfg):
 def build_warm_start(cfg, out: Path, log) -> dict:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-shard save of a 0.8M-parameter model needs no progress bar
 
     from oapl_megatron.orchestrator.warmstart import warm_start
     from oapl_megatron.tasks.tokenizer import build_char_tokenizer
