@@ -52,9 +52,12 @@ def _trainer_rank(seen: dict[int, float], rank: int) -> int:
 def test_local_launch_dies_as_a_whole(tmp_path, victim):
     model = launch_util.demo_model()
     run_dir = tmp_path / "run"
+    # A killed engine is normally restarted and the run goes on (tests/test_chaos.py); with restarts off its death
+    # ends the run, which is the launcher's teardown path under test here.
+    no_restart = ["rollout.restart_engines=false"] if victim == "engine" else []
     proc = subprocess.Popen(
         [str(REPO / "launch" / "torchrun.sh"), str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}",
-         f"model.hf_path={model}", "train.steps=200", *launch_util.SHORT],
+         f"model.hf_path={model}", "train.steps=200", *launch_util.SHORT, *no_restart],
         env=dict(os.environ, PYTHON=os.environ.get("PYTHON", __import__("sys").executable)),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen: dict[int, float] = {}

@@ -22,15 +22,13 @@ import launch_util
 import pytest
 
 from oapl_megatron.launch.node_cleanup import RUN_TAG, _environ
+from oapl_megatron.orchestrator.metrics import trajectory as metrics_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "tools" / "slurm_local.sh"
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SHORT = ["launch.preflight=false", *launch_util.SHORT]
-_TIMING = ("time_s", "train_step_s", "train_tokens_per_s", "wait_for_data_s", "engine_idle_fraction", "sync_s",
-           "sync_pack_s", "sync_broadcast_s", "sync_verify_s", "sync_load_s", "eval_seconds", "checkpoint_s",
-           "buffer_groups", "dropped_stale_groups", "sync_dropped_groups")
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +130,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def trajectory(rs: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in _TIMING} for r in rs]
+    return [metrics_trajectory(r) for r in rs]  # without the timing and scheduling metrics
 
 
 @pytest.mark.timeout(2400)

@@ -16,6 +16,8 @@ import torch
 
 from dist_util import REPO, run_torchrun
 
+from oapl_megatron.orchestrator.metrics import trajectory
+
 SYNC_WORKER = REPO / "tests" / "workers" / "sync_parity_worker.py"
 LOGP_TOL = 1e-4
 
@@ -162,14 +164,8 @@ def test_exported_policy_loads_in_vllm_and_matches_transformers(loop_run):
         assert max(abs(a - b) for a, b in zip(s.token_logprobs, ref)) <= 1e-4
 
 
-# Keys that depend on wall-clock time or scheduling, not on the training trajectory.
-_TIMING = ("time_s", "train_step_s", "train_tokens_per_s", "wait_for_data_s", "engine_idle_fraction", "sync_s",
-           "sync_pack_s", "sync_broadcast_s", "sync_verify_s", "sync_load_s", "eval_seconds", "checkpoint_s",
-           "buffer_groups", "dropped_stale_groups", "sync_dropped_groups")
-
-
 def _trajectory(rows):
-    return [{k: v for k, v in r.items() if k not in _TIMING} for r in rows]
+    return [trajectory(r) for r in rows]  # without the timing and scheduling metrics
 
 
 def _engine_processes(run_dir):

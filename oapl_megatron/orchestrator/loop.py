@@ -342,8 +342,6 @@ def _broadcast_object(obj, tr: Trainer):
 
 def _collect_batch(tr: Trainer, driver: Driver | None, step: int):
     """Rank 0 takes this step's groups from the buffer; every rank receives the same records."""
-    from oapl_megatron.orchestrator.records import groups_to_records
-
     payload = None
     if driver is not None:
         t0 = time.perf_counter()
@@ -356,31 +354,39 @@ def _collect_batch(tr: Trainer, driver: Driver | None, step: int):
                 raise EnginesLost(f"step {step}: {e}") from e
             raise
         wait_s = time.perf_counter() - t0
-        records = groups_to_records(groups, tr.cfg.objective)
-        cur = driver.buffer.current_version
-        rewards = [r for g in groups for r in g.rewards]
-        # the age of each group in optimizer steps: the weights being trained have taken step − 1 steps, the
-        # weights that generated the group had taken synced_at[version] (OAPL's lag, sample by sample)
-        ages = [(step - 1) - driver.synced_at[g.version] for g in groups]
-        info = {
-            "policy_version": cur,
-            "staleness_mean": sum(cur - g.version for g in groups) / len(groups),  # in policy versions
-            "lag_steps_mean": sum(ages) / len(ages),
-            "lag_steps_max": max(ages),
-            "reward_mean": sum(rewards) / len(rewards),
-            "response_len_mean": sum(len(r.response_ids) for r in records) / max(1, len(records)),
-            "wait_for_data_s": wait_s,
-            # data accounting: which prompts of the stream this step consumed (a resumed run must match)
-            "prompt_index_first": min(g.stream_index for g in groups),
-            "prompt_index_last": max(g.stream_index for g in groups),
-            "prompt_ids_crc": zlib.crc32("|".join(f"{g.stream_index}:{g.prompt.id}" for g in groups).encode()),
-        }
-        payload = (records, info)
+        with tr.prof.phase("batch_build"):
+            payload = _records_and_info(tr, driver, groups, step, wait_s)
     with tr.prof.phase("batch_broadcast"):
         payload = _broadcast_object(payload, tr)
     if isinstance(payload, _RolloutFailed):  # ranks other than 0
         raise (EnginesLost if payload.no_engine else RuntimeError)(f"step {step}: rank 0: {payload.message}")
     return payload
+
+
+def _records_and_info(tr: Trainer, driver: Driver, groups: list, step: int, wait_s: float) -> tuple[list, dict]:
+    """Rank 0: this step's trainer records (advantages from whole groups) and what the step logs about its data."""
+    from oapl_megatron.orchestrator.records import groups_to_records
+
+    records = groups_to_records(groups, tr.cfg.objective)
+    cur = driver.buffer.current_version
+    rewards = [r for g in groups for r in g.rewards]
+    # the age of each group in optimizer steps: the weights being trained have taken step − 1 steps, the
+    # weights that generated the group had taken synced_at[version] (OAPL's lag, sample by sample)
+    ages = [(step - 1) - driver.synced_at[g.version] for g in groups]
+    info = {
+        "policy_version": cur,
+        "staleness_mean": sum(cur - g.version for g in groups) / len(groups),  # in policy versions
+        "lag_steps_mean": sum(ages) / len(ages),
+        "lag_steps_max": max(ages),
+        "reward_mean": sum(rewards) / len(rewards),
+        "response_len_mean": sum(len(r.response_ids) for r in records) / max(1, len(records)),
+        "wait_for_data_s": wait_s,
+        # data accounting: which prompts of the stream this step consumed (a resumed run must match)
+        "prompt_index_first": min(g.stream_index for g in groups),
+        "prompt_index_last": max(g.stream_index for g in groups),
+        "prompt_ids_crc": zlib.crc32("|".join(f"{g.stream_index}:{g.prompt.id}" for g in groups).encode()),
+    }
+    return records, info
 
 
 @dataclass
@@ -402,9 +408,10 @@ def _no_engine_left(e: BaseException) -> bool:
 def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
     records, info = _collect_batch(tr, driver, step)
     ctx, cfg = tr.ctx, tr.cfg
-    batch = build_step_batch(records, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
-                             micro_batch_size=cfg.train.micro_batch_size, pad_id=0)
-    tr.prof.batch_stats(records, ref_forward=tr.frozen is not None)
+    with tr.prof.phase("batch_build"):
+        batch = build_step_batch(records, dp_rank=ctx.dp_rank, dp_size=ctx.dp,
+                                 micro_batch_size=cfg.train.micro_batch_size, pad_id=0)
+        tr.prof.batch_stats(records, ref_forward=tr.frozen is not None)
     if tr.frozen is not None:
         with tr.prof.phase("ref_logp"):
             info["ref_logp_engine_vs_trainer"] = _use_trainer_reference(tr, batch)
@@ -416,22 +423,30 @@ def train_one_step(tr: Trainer, driver: Driver | None, step: int) -> dict:
     with tr.prof.phase("optimizer"):
         metrics = apply_update(tr.state, metrics)
     dt = time.perf_counter() - t0
-    metrics.update(info)
-    tr.faults.after_step(step, metrics, log=driver.log.print if driver is not None else None)
-    metrics["train_step_s"] = dt
-    metrics["train_tokens_per_s"] = metrics["response_tokens"] / dt if dt > 0 else 0.0
-    if driver is not None:
-        util = driver.engines.utilization()
-        metrics["engine_idle_fraction"] = sum(u["idle_fraction"] for u in util.values()) / max(1, len(util))
-        metrics["buffer_groups"] = len(driver.buffer)
-        metrics["dropped_stale_groups"] = driver.buffer.dropped_stale
-        metrics.update(fault_metrics(driver.engines, driver.producer))
-        metrics["checkpoint_failures"] = tr.faults.checkpoint_failures
-        pool = driver.producer.reward_stats()  # the reward pool: throughput and backlog (reasons in reward_pool.json)
-        metrics["reward_groups_pending"] = pool["groups_pending"]
-        metrics["reward_programs_per_s"] = pool["programs_per_s"]
-        metrics["reward_score_s_per_response"] = pool["score_s_per_response"]
+    with tr.prof.phase("bookkeeping"):
+        metrics.update(info)
+        tr.faults.after_step(step, metrics, log=driver.log.print if driver is not None else None)
+        metrics["train_step_s"] = dt
+        metrics["train_tokens_per_s"] = metrics["response_tokens"] / dt if dt > 0 else 0.0
+        if driver is not None:
+            metrics.update(_driver_metrics(tr, driver))
     return metrics
+
+
+def _driver_metrics(tr: Trainer, driver: Driver) -> dict:
+    """Rank 0's per-step view of the rollout side: engine idleness, buffer, faults, the reward pool."""
+    util = driver.engines.utilization()
+    pool = driver.producer.reward_stats()  # the reward pool: throughput and backlog (verdicts in reward_pool.json)
+    return {
+        "engine_idle_fraction": sum(u["idle_fraction"] for u in util.values()) / max(1, len(util)),
+        "buffer_groups": len(driver.buffer),
+        "dropped_stale_groups": driver.buffer.dropped_stale,
+        **fault_metrics(driver.engines, driver.producer),
+        "checkpoint_failures": tr.faults.checkpoint_failures,
+        "reward_groups_pending": pool["groups_pending"],
+        "reward_programs_per_s": pool["programs_per_s"],
+        "reward_score_s_per_response": pool["score_s_per_response"],
+    }
 
 
 def _use_trainer_reference(tr: Trainer, batch) -> float:

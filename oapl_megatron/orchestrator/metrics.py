@@ -18,6 +18,22 @@ _CONSOLE_KEYS = ("loss", "reward_mean", "policy_version", "lag_steps_mean", "lag
                  "grad_norm", "eval_accuracy", "engine_idle_fraction")
 
 
+# Metrics that depend on wall-clock time or on thread scheduling, not on the training trajectory: a resumed or
+# re-run training is compared with the uninterrupted one on everything else (tests, the Slurm preemption check).
+TIMING_KEYS = frozenset({
+    "time_s", "train_step_s", "train_tokens_per_s", "wait_for_data_s", "engine_idle_fraction", "sync_s",
+    "sync_pack_s", "sync_broadcast_s", "sync_verify_s", "sync_load_s", "eval_seconds", "checkpoint_s",
+    "buffer_groups", "dropped_stale_groups", "sync_dropped_groups", "trainer_mfu", "engine_busy_s", "engine_wall_s",
+    "reward_groups_pending", "reward_programs_per_s", "reward_score_s_per_response",
+})
+TIMING_PREFIXES = ("time/",)  # the profiler's per-phase times
+
+
+def trajectory(row: dict) -> dict:
+    """``row`` without its timing and scheduling metrics (see :data:`TIMING_KEYS`)."""
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS and not k.startswith(TIMING_PREFIXES)}
+
+
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None  # JSON has no NaN/inf; null says "not finite"

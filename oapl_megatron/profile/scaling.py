@@ -94,7 +94,8 @@ def loop_scaling(config: str, worlds: list[int], out: Path, overrides: list[str]
                      "train_tokens_per_step": sum(r["train_tokens"] for r in body) / len(body),
                      "response_tokens_per_step": sum(r["response_tokens"] for r in body) / len(body),
                      # per-step work on the trainer's serial path that is neither training nor waiting nor sync
-                     "overhead_s": m["batch_broadcast"] + m["ref_logp"] + m["logging"] + m["other"],
+                     "overhead_s": m["batch_build"] + m["batch_broadcast"] + m["ref_logp"] + m["bookkeeping"]
+                                   + m["logging"] + m["other"],
                      "wait_for_data_s": m["wait_for_data"],
                      "train_s": s["mean_s"]["trainer_fwd_bwd"] + s["mean_s"]["optimizer"],
                      "trainer_tokens_per_s": s["trainer_tokens_per_s"],
