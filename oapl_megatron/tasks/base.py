@@ -16,6 +16,7 @@ tokenizer's EOS string and one cut at the length limit does not.
 from __future__ import annotations
 
 import abc
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Iterator, TypeVar
@@ -84,6 +85,16 @@ class GeneratedTask(Task):
                                       budget, self.EVAL_HINT)
             self._eval = [self._prompt(p, "eval") for p in problems]
         return list(self._eval)
+
+    def _noisy_draws(self, name: str, n: int, frac: float, seed: int) -> Iterator[tuple[Any, bool, random.Random]]:
+        """The warm start's draws: ``n`` training problems of which exactly ``round(n * frac)``, at random positions,
+        are marked to carry a mistake. Yields ``(problem, noisy, rng)``; the rng that chose the positions also makes
+        the mistakes, so an example set is a pure function of (name, config.seed, seed, n, frac)."""
+        rng = random.Random(f"{name}:sft:{self.config.seed}:{seed}")
+        bad = set(rng.sample(range(n), round(n * frac)))
+        problems = self._problems(f"sft:{self.config.seed}:{seed}", "train")
+        for i in range(n):
+            yield next(problems), i in bad, rng
 
 
 def first_distinct(items: Iterable[T], key: Callable[[T], str], size: int, budget: int, hint: str) -> list[T]:

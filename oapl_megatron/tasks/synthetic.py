@@ -182,17 +182,13 @@ class SyntheticArithmeticTask(GeneratedTask):
         frac = self.config.sft_corrupt_frac if corrupt_frac is None else corrupt_frac
         if not 0.0 <= frac <= 1.0:
             raise ValueError(f"corrupt_frac must be in [0, 1]; got {frac}")
-        rng = random.Random(f"synthetic_arithmetic:sft:{self.config.seed}:{seed}")
-        bad = set(rng.sample(range(n), round(n * frac)))
-        problems = self._problems(f"sft:{self.config.seed}:{seed}", "train")
         out = []
-        for i in range(n):
-            p = next(problems)
+        for p, noisy, rng in self._noisy_draws("synthetic_arithmetic", n, frac, seed):
             steps = p.steps()
-            if i in bad:
+            if noisy:
                 k = rng.randrange(len(steps))
                 steps = p.steps(first_wrong=(k, _corrupt_one_digit(steps[k][3], rng)))
-            out.append(SFTExample(self._prompt(p, "train"), render_solution(steps), i in bad))
+            out.append(SFTExample(self._prompt(p, "train"), render_solution(steps), noisy))
         return out
 
     def max_response_tokens(self) -> int:

@@ -160,18 +160,10 @@ class SyntheticCodeTask(GeneratedTask):
         frac = self.config.sft_noise_frac if noise_frac is None else noise_frac
         if n < 0 or not 0.0 <= frac <= 1.0:
             raise ValueError(f"sft_examples: need n >= 0 and noise_frac in [0, 1]; got n={n}, noise_frac={frac}")
-        rng = random.Random(f"synthetic_code:sft:{self.config.seed}:{seed}")
-        bad = set(rng.sample(range(n), round(n * frac)))
-        problems = self._problems(f"sft:{self.config.seed}:{seed}", "train")
         out = []
-        for i in range(n):
-            p = next(problems)
-            prompt = self._prompt(p, "train")
-            if i in bad:
-                completion, mistake = _with_mistake(p, rng)
-            else:
-                completion, mistake = render_program(p.op, p.args), None
-            out.append(SFTExample(prompt, completion, mistake))
+        for p, noisy, rng in self._noisy_draws("synthetic_code", n, frac, seed):
+            completion, mistake = _with_mistake(p, rng) if noisy else (render_program(p.op, p.args), None)
+            out.append(SFTExample(self._prompt(p, "train"), completion, mistake))
         return out
 
     def max_response_tokens(self) -> int:
