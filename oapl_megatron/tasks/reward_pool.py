@@ -206,12 +206,16 @@ class RewardPool:
         with self._cv:
             if self._closed:  # close() cancelled the futures: not a failure
                 return
-            self._error = RewardPoolError(message)
-            self._error.__cause__ = cause
-            self._cv.notify_all()
+        error = RewardPoolError(message)
+        error.__cause__ = cause
         logger.error("reward pool: %s", message)
-        if self.on_error is not None:
-            self.on_error(self._error)
+        try:  # the consumer is told before any waiter (drain, wait_for_room, check) can see the failure
+            if self.on_error is not None:
+                self.on_error(error)
+        finally:
+            with self._cv:
+                self._error = error
+                self._cv.notify_all()
 
     # -- reporting -------------------------------------------------------------------------------------------------
 
