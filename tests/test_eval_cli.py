@@ -112,23 +112,67 @@ def test_oapl_eval_end_to_end(tiny_model, tmp_path):
 
 def test_code_task_scoring_path(tmp_path):
     # The code branch of the evaluator without an engine: tests come from the data file's tests field.
-    from oapl_megatron.config.data import OfflineEvalConfig
-    from oapl_megatron.tasks.datasets import build_prompts, load_rows
-    from oapl_megatron.orchestrator.offline_eval import _score
+    from oapl_megatron.config.offline_eval import OfflineEvalConfig
+    from oapl_megatron.orchestrator.offline_eval import _load, _render, _score
     from oapl_megatron.tasks.tokenizer import build_char_tokenizer
 
     tests = {"inputs": ["2 3\n"], "outputs": ["5\n"]}
     data = write_jsonl(tmp_path / "code.jsonl", [{"question": "add two numbers", "tests": json.dumps(tests)}])
     cfg = OfflineEvalConfig(model="m", task="code", out=str(tmp_path), ks=[1], sampling={"n": 1},
-                     data=[{"source": data, "fields": {"prompt": "question", "answer": None, "tests": "tests"}}])
-    rows, _ = load_rows(cfg.data[0])
-    (prompt,), _ = build_prompts(rows, build_char_tokenizer(tmp_path / "tok", alphabet=ALPHABET), cfg.data[0])
+                            data=[{"source": data, "fields": {"prompt": "question", "answer": None, "tests": "tests"}}])
+    ((d, rows, stats),) = _load(cfg)
+    (prompt,), _ = _render(cfg, d, rows, build_char_tokenizer(tmp_path / "tok", alphabet=ALPHABET), stats)
     good = "```python\na, b = map(int, input().split())\nprint(a + b)\n```</s>"
     assert _score(cfg, prompt, good)[:2] == (1.0, True)
     reward, ok, info = _score(cfg, prompt, "```python\nprint(6)\n```")
     assert (reward, ok, info["passed"], info["failed"]) == (0.0, False, 0, 1)
     with pytest.raises(ValueError, match="task=code needs a tests field"):
         OfflineEvalConfig(model="m", task="code", out="o", data=[{"source": data}])
+
+
+def test_code_eval_scores_like_the_training_task(tmp_path):
+    # LiveCodeBench-style rows (starter code, func_name in a metadata JSON, call-based tests): oapl-eval's prompts
+    # and scores are the code_dataset task's, for responses that reason first and for ones without a fence.
+    from oapl_megatron.config.code import CodeDatasetTaskConfig
+    from oapl_megatron.entrypoints.eval import _parser, config_from_args
+    from oapl_megatron.orchestrator.offline_eval import _load, _render, _score
+    from oapl_megatron.tasks.code_dataset import CodeDatasetTask
+    from oapl_megatron.tasks.tokenizer import build_char_tokenizer
+
+    tests = json.dumps({"inputs": [[2, 3], [10, -4]], "outputs": [5, 6]})
+    row = {"question_content": "add two numbers", "public_test_cases": tests,
+           "starter_code": "class Solution:\n    def add(self, a, b):", "metadata": json.dumps({"func_name": "add"})}
+    data = write_jsonl(tmp_path / "lcb.jsonl", [row])
+    args = _parser().parse_args(["--model", "m", "--data", data, "--task", "code", "--out", str(tmp_path / "o"),
+                                 "--prompt-field", "question_content", "--tests-field", "public_test_cases",
+                                 "--starter-code-field", "starter_code", "--metadata-field", "metadata"])
+    cfg = config_from_args(args)
+    tok = build_char_tokenizer(tmp_path / "tok", alphabet=ALPHABET + "():_[]'\"")
+    ((d, rows, stats),) = _load(cfg)
+    (prompt,), _ = _render(cfg, d, rows, tok, stats)
+    assert prompt.meta["fn_name"] == "add" and "def add(self, a, b):" in prompt.text
+
+    task = CodeDatasetTask(CodeDatasetTaskConfig(data=d, fields=cfg.code.fields), tok)
+    assert task.train[0].text == prompt.text and task.train[0].meta["tests"] == prompt.meta["tests"]
+    right = "class Solution:\n    def add(self, a, b):\n        return a + b\n"
+    responses = {
+        # the draft inside the reasoning is wrong; the answer after </think> is what counts
+        "reasoned": f"```python\nclass Solution:\n    def add(self, a, b): return a - b\n```</think>```python\n{right}```",
+        "unfenced": right,
+        "wrong": "```python\nclass Solution:\n    def add(self, a, b):\n        return a * b\n```",
+    }
+    for name, text in responses.items():
+        reward, ok, info = _score(cfg, prompt, text)
+        trained = task.reward(task.train[0], text)
+        assert (reward, info["reason"], info["extraction"]) == (trained.reward, trained.info["reason"],
+                                                                trained.info["extraction"]), name
+        assert ok == (name == "reasoned"), (name, info)
+    assert _score(cfg, prompt, responses["unfenced"])[2]["reason"] == "no_code"
+    loose = _parser().parse_args(["--model", "m", "--data", data, "--task", "code", "--out", "o",
+                                  "--prompt-field", "question_content", "--tests-field", "public_test_cases",
+                                  "--metadata-field", "metadata", "--no-require-fence"])
+    cfg_loose = config_from_args(loose)
+    assert _score(cfg_loose, prompt, responses["unfenced"])[:2] == (1.0, True)
 
 
 def test_oapl_eval_rejects_bad_arguments(tmp_path):

@@ -59,13 +59,11 @@ class CodeFields(StrictModel):
         description="Field with a JSON object (or its text) holding 'func_name' (LiveCodeBench/DeepCoder style).")
 
 
-class CodeDatasetTaskConfig(StrictModel):
-    """The ``task:`` section for programming problems from a dataset (``type: code_dataset``), scored by running
-    the response's program against the row's tests in the sandbox."""
+class CodeScoringConfig(StrictModel):
+    """How code rows are read, shown and scored outside training (``oapl-eval --task code``): the same settings,
+    with the same defaults, as the ``code_dataset`` task's ``fields``, ``starter_code_template``, ``require_fence``
+    and ``reward``."""
 
-    type: Literal["code_dataset"] = "code_dataset"
-    data: DatasetConfig = Field(..., description="Training problems (need a prompt and a tests field).")
-    eval_data: DatasetConfig | None = Field(None, description="Held-out problems; None = no in-training eval.")
     fields: CodeFields = Field(default_factory=CodeFields, description="Starter code / function name fields.")
     starter_code_template: str = Field(
         STARTER_CODE_TEMPLATE,
@@ -73,10 +71,26 @@ class CodeDatasetTaskConfig(StrictModel):
     require_fence: bool = Field(
         True, description="Only code in a fenced block counts; a response without one scores 0 as 'no_code'.")
     reward: CodeRewardConfig = Field(default_factory=CodeRewardConfig, description="Test running and scoring.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CodeScoringConfig":
+        if "{starter_code}" not in self.starter_code_template:
+            raise ValueError("starter_code_template must contain '{starter_code}'")
+        return self
+
+
+class CodeDatasetTaskConfig(CodeScoringConfig):
+    """The ``task:`` section for programming problems from a dataset (``type: code_dataset``), scored by running
+    the response's program against the row's tests in the sandbox (``fields``, ``starter_code_template``,
+    ``require_fence`` and ``reward`` come from :class:`CodeScoringConfig`, which ``oapl-eval`` shares)."""
+
+    type: Literal["code_dataset"] = "code_dataset"
+    data: DatasetConfig = Field(..., description="Training problems (need a prompt and a tests field).")
+    eval_data: DatasetConfig | None = Field(None, description="Held-out problems; None = no in-training eval.")
     reward_pool: RewardPoolConfig = Field(default_factory=RewardPoolConfig, description="Scoring threads.")
 
     @model_validator(mode="after")
-    def _check(self) -> "CodeDatasetTaskConfig":
+    def _check_data(self) -> "CodeDatasetTaskConfig":
         for name, d in (("data", self.data), ("eval_data", self.eval_data)):
             if d is None:
                 continue
@@ -86,8 +100,6 @@ class CodeDatasetTaskConfig(StrictModel):
                 raise ValueError(
                     f"task.{name}.fields.answer={d.fields.answer!r}: code rows are scored by their tests, not an "
                     f"answer; set task.{name}.fields.answer: null")
-        if "{starter_code}" not in self.starter_code_template:
-            raise ValueError("task.starter_code_template must contain '{starter_code}'")
         return self
 
 

@@ -3,10 +3,15 @@
     oapl-eval --model ckpt/hf --data aime25.jsonl --data hmmt25.jsonl --task math --n 10 --k 1 5 10 \\
         --temperature 0.6 --top-p 0.95 --max-tokens 16384 --out runs/eval \\
         [--prompt-field problem --answer-field answer] [--instruction 'Put the final answer in \\boxed{}.']
+    oapl-eval --model ckpt/hf --data lcb.jsonl --task code --n 20 --k 1 10 --out runs/eval_code \\
+        --prompt-field question_content --tests-field public_test_cases --starter-code-field starter_code \\
+        --metadata-field metadata
 
-Each ``--data`` file is one benchmark: pass@k is reported for each and over all problems. Writes
-``results.json``, ``results.md`` and ``samples.jsonl`` into ``--out`` (see :mod:`oapl_megatron.orchestrator.offline_eval`).
-This module only parses arguments into an :class:`~oapl_megatron.config.data.OfflineEvalConfig` and calls
+Each ``--data`` file is one benchmark: pass@k is reported for each and over all problems. Code benchmarks are read,
+prompted and scored exactly as the ``code_dataset`` task trains (starter code, function names, the program after
+``</think>``, fenced). Writes ``results.json``, ``results.md`` and ``samples.jsonl`` into ``--out`` (see
+:mod:`oapl_megatron.orchestrator.offline_eval`).
+This module only parses arguments into an :class:`~oapl_megatron.config.offline_eval.OfflineEvalConfig` and calls
 :func:`oapl_megatron.orchestrator.offline_eval.run_eval`; torch and vLLM are imported after parsing (``--help`` is instant).
 """
 
@@ -36,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--answer-field", default="answer", help="Row field with the reference answer (math).")
     ap.add_argument("--tests-field", default="tests", help="Row field with the tests (code).")
     ap.add_argument("--id-field", default=None, help="Row field with a problem id (default: file:line).")
+    ap.add_argument("--starter-code-field", default=None, help="Row field with starter code (code).")
+    ap.add_argument("--fn-name-field", default=None, help="Row field with the function name of call tests (code).")
+    ap.add_argument("--metadata-field", default=None,
+                    help="Row field with a JSON object holding 'func_name' (code; LiveCodeBench/DeepCoder).")
+    ap.add_argument("--no-require-fence", action="store_true",
+                    help="Code: also score a response without a fenced block (as the whole program).")
     ap.add_argument("--system-prompt", default=None, help="System message.")
     ap.add_argument("--instruction", default=None, help="Text appended to every problem.")
     ap.add_argument("--chat-template", choices=["auto", "required", "none"], default="auto",
@@ -54,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """The :class:`OfflineEvalConfig` of parsed arguments (validation errors name the option's config field)."""
-    from oapl_megatron.config.data import OfflineEvalConfig
+    from oapl_megatron.config.offline_eval import OfflineEvalConfig
 
     fields = {
         "prompt": args.prompt_field,
@@ -78,6 +89,8 @@ def config_from_args(args: argparse.Namespace):
         engine={"device": args.device, "dtype": args.dtype, "max_model_len": args.max_model_len,
                 "tensor_parallel_size": args.tensor_parallel_size},
         math_reward={"timeout_s": args.math_timeout},
+        code={"fields": {"starter_code": args.starter_code_field, "fn_name": args.fn_name_field,
+                         "metadata": args.metadata_field}, "require_fence": not args.no_require_fence},
         save_samples=not args.no_samples,
     )
 

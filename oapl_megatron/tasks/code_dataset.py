@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from oapl_megatron.config.code import CodeDatasetTaskConfig, CodeFields
+from oapl_megatron.config.code import CodeDatasetTaskConfig, CodeFields, CodeScoringConfig
 from oapl_megatron.config.data import DatasetConfig
 from oapl_megatron.tasks.base import Prompt, RewardResult, Task
 from oapl_megatron.tasks.datasets import DataError, DatasetStats, PromptStream, load_rows, render_prompt
@@ -173,6 +173,25 @@ def build_code_prompts(rows: list[dict[str, Any]], tokenizer: Any, cfg: DatasetC
     return out
 
 
+def score_code_response(prompt: Prompt, response_text: str, cfg: CodeScoringConfig) -> RewardResult:
+    """Extract the program (:func:`extract_code`) and run the prompt's tests: ``info`` has ``reason`` (passed,
+    no_code, or the first failing test's verdict), ``extraction`` (the :class:`Extraction` kind), ``passed``/
+    ``failed`` test counts and ``sandbox_runs`` (programs started). The one scoring of code rows: the training
+    task's reward and ``oapl-eval --task code`` both call it."""
+    from oapl_megatron.tasks.code_reward import code_reward
+
+    ex = extract_code(response_text, cfg.require_fence, cfg.reward.answer_after)
+    if ex.code is None:
+        return RewardResult(0.0, {"reason": "no_code", "extraction": ex.kind, "passed": 0,
+                                  "failed": prompt.meta["num_tests"], "sandbox_runs": 0})
+    # The extracted program goes in fenced, so code_reward's own extraction returns it unchanged.
+    out = code_reward(f"```python\n{ex.code}\n```", prompt.meta["tests"], cfg.reward, fn_name=prompt.meta["fn_name"])
+    reason = "passed" if out["error"] is None else out["error"].split(": ", 1)[-1]
+    runs = sum(1 for d in out["details"] if d.get("reason") != "skipped")
+    return RewardResult(float(out["reward"]), {"reason": reason, "extraction": ex.kind, "passed": out["passed"],
+                                               "failed": out["failed"], "sandbox_runs": runs})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The task
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,21 +233,8 @@ class CodeDatasetTask(Task):
         return list(self.eval)
 
     def reward(self, prompt: Prompt, response_text: str) -> RewardResult:
-        """Extract the program and run the prompt's tests: ``info`` has ``reason`` (passed, no_code, or the first
-        failing test's verdict), ``extraction`` (the :class:`Extraction` kind), ``passed``/``failed`` test counts
-        and ``sandbox_runs`` (programs started)."""
-        from oapl_megatron.tasks.code_reward import code_reward
-
-        ex = extract_code(response_text, self.cfg.require_fence, self.cfg.reward.answer_after)
+        """:func:`score_code_response` with the task's settings; counts the extraction kinds."""
+        r = score_code_response(prompt, response_text, self.cfg)
         with self._lock:
-            self.extraction_counts[ex.kind] += 1
-        if ex.code is None:
-            return RewardResult(0.0, {"reason": "no_code", "extraction": ex.kind, "passed": 0,
-                                      "failed": prompt.meta["num_tests"], "sandbox_runs": 0})
-        # The extracted program goes in fenced, so code_reward's own extraction returns it unchanged.
-        out = code_reward(f"```python\n{ex.code}\n```", prompt.meta["tests"], self.cfg.reward,
-                          fn_name=prompt.meta["fn_name"])
-        reason = "passed" if out["error"] is None else out["error"].split(": ", 1)[-1]
-        runs = sum(1 for d in out["details"] if d.get("reason") != "skipped")
-        return RewardResult(float(out["reward"]), {"reason": reason, "extraction": ex.kind, "passed": out["passed"],
-                                                   "failed": out["failed"], "sandbox_runs": runs})
+            self.extraction_counts[r.info["extraction"]] += 1
+        return r
