@@ -92,3 +92,17 @@ def test_report_is_made_from_the_cell_jsons(study):
     assert "| oapl(b2=0.1) |" in table and "L=never" in table
     for png in ("pass1_vs_steps", "pass1_vs_generations", "passk_vs_generations", "kl_entropy_vs_steps"):
         assert (out / f"{png}.png").stat().st_size > 1000
+
+
+def test_generations_to_interpolates_between_evaluations():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lag_study", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("lag_study", tool)  # its dataclasses look their module up there
+    spec.loader.exec_module(tool)
+    xs, ys = [0, 2048, 4096, 6144], [0.40, 0.60, 0.70, 0.65]
+    assert tool.generations_to(xs, ys, 0.40) == 0.0
+    assert tool.generations_to(xs, ys, 0.65) == pytest.approx(3072.0)  # halfway between the evaluations at 2048 and 4096
+    assert tool.generations_to(xs, ys, 0.70) == 4096.0
+    assert tool.generations_to(xs, ys, 0.71) is None  # never reached (the later dip does not count twice)
