@@ -333,7 +333,9 @@ def test_grpo_loss_matches_reference(ratio):
     if ratio != "sequence":
         assert metrics["ratio_max"].item() == pytest.approx(rho.max().item(), rel=1e-12)
         assert metrics["ratio_mean"].item() == pytest.approx(rho.mean().item(), rel=1e-12)
-    assert metrics["kl_k1"].item() == pytest.approx((ref - logp)[mask].mean().item(), rel=1e-12)
+    # KL(π_vllm‖π) per sequence (OAPL's unit): the token sum over the sequences that have a token
+    n_seq = mask.any(dim=1).sum().item()
+    assert metrics["kl_k1"].item() == pytest.approx((ref - logp)[mask].sum().item() / n_seq, rel=1e-12)
 
 
 @pytest.mark.parametrize("ratio", ["token", "sequence", "truncated"])

@@ -94,15 +94,31 @@ def test_report_is_made_from_the_cell_jsons(study):
         assert (out / f"{png}.png").stat().st_size > 1000
 
 
-def test_generations_to_interpolates_between_evaluations():
+def _tool():
+    """tools/lag_study.py as a module (the tool is a script, not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("lag_study", TOOL)
     tool = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("lag_study", tool)  # its dataclasses look their module up there
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_generations_to_interpolates_between_evaluations():
+    tool = _tool()
     xs, ys = [0, 2048, 4096, 6144], [0.40, 0.60, 0.70, 0.65]
     assert tool.generations_to(xs, ys, 0.40) == 0.0
     assert tool.generations_to(xs, ys, 0.65) == pytest.approx(3072.0)  # halfway between the evaluations at 2048 and 4096
     assert tool.generations_to(xs, ys, 0.70) == 4096.0
     assert tool.generations_to(xs, ys, 0.71) is None  # never reached (the later dip does not count twice)
+
+
+def test_old_grpo_cells_report_kl_per_sequence():
+    tool = _tool()
+    old = {"cell": {"objective": "grpo_token"}, "train": [{"kl_k1": 0.01, "response_len_mean": 25.0}]}
+    assert tool.kl_per_sequence(old)["train"][0]["kl_k1"] == pytest.approx(0.25)
+    new = {**old, "kl_k1_unit": "sequence"}
+    assert tool.kl_per_sequence(new)["train"][0]["kl_k1"] == 0.01
+    oapl = {"cell": {"objective": "oapl"}, "train": [{"kl_k1": 0.3, "response_len_mean": 25.0}]}
+    assert tool.kl_per_sequence(oapl)["train"][0]["kl_k1"] == 0.3

@@ -23,7 +23,8 @@ from the warm-start policy.
 Metric definitions: held-out sampled pass@1 = mean correctness of ``eval.samples`` samples per held-out prompt at
 the rollout temperature; pass@k (k = ``eval.samples``) = share of prompts with at least one correct sample;
 generations used = optimizer steps × prompts per step × samples per prompt (the samples the trainer consumed);
-KL(π_vllm‖π) = the per-sequence k1 estimate ``kl_k1`` logged by the trainer; entropy = mean token entropy of π.
+KL(π_vllm‖π) = the per-sequence k1 estimate ``kl_k1`` logged by the trainer (both objectives; cells run before
+GRPO's ``kl_k1`` became per sequence are converted with their response lengths); entropy = mean token entropy of π.
 """
 
 from __future__ import annotations
@@ -315,6 +316,7 @@ def run_cell(cell: Cell, scale: Scale, out: Path, overrides: list[str], timeout_
               "lag_steps": cell.lag_steps(scale.steps), "config": cfg, "overrides": overrides,
               "command": " ".join(shlex.quote(c) for c in cmd), "wall_s": round(wall, 1),
               "cpu_s": round(cpu, 1), "machine_before": before, "machine_after": machine_state(),
+              "kl_k1_unit": "sequence",
               **summarize_metrics(rows, scale)}
     path = out / "cells" / f"{cell.name}.json"
     tmp = path.with_suffix(".json.tmp")
@@ -563,9 +565,20 @@ def plot(agg: dict, out: Path) -> list[Path]:
     return paths
 
 
+def kl_per_sequence(result: dict) -> dict:
+    """``result`` with ``kl_k1`` per sequence in every train row. GRPO's ``kl_k1`` was per token until the cell JSONs
+    recorded ``kl_k1_unit`` (OAPL's always per sequence); per token × mean response length = per sequence exactly
+    (both are over the step's sequences: Σ_tokens / tokens × tokens / sequences)."""
+    if result.get("kl_k1_unit") == "sequence" or result["cell"]["objective"] == "oapl":
+        return result
+    train = [dict(r, kl_k1=None if r.get("kl_k1") is None else r["kl_k1"] * r["response_len_mean"])
+             for r in result["train"]]
+    return {**result, "train": train, "kl_k1_unit": "sequence (converted from per token)"}
+
+
 def report(out: Path, log=print) -> dict:
     """Table, report.json and PNGs from the cell JSONs under ``out/cells``."""
-    results = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    results = [kl_per_sequence(json.loads(p.read_text())) for p in sorted((out / "cells").glob("*.json"))]
     if not results:
         raise SystemExit(f"[lag-study] no finished cells under {out / 'cells'}")
     agg = aggregate(results)

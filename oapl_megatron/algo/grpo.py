@@ -102,7 +102,9 @@ def grpo_loss(
     Returns:
         (loss, metrics); metrics are detached 0-dim tensors over this call's valid tokens (sequences for
         "sequence"): ``clip_frac`` fraction whose gradient is cut by the clip (ρ > 1+ε with A > 0 or ρ < 1−ε with
-        A < 0; for "truncated": ρ > cap), ``ratio_mean``, ``ratio_max``, ``kl_k1`` mean (ref − logp) per token.
+        A < 0; for "truncated": ρ > cap), ``ratio_mean``, ``ratio_max``, ``kl_k1`` = Σ_tokens (ref − logp) / sequences:
+        the k1 estimate of KL(π_vllm‖π_θ) per *sequence*, the same quantity OAPL's ``kl_k1`` reports, so the two
+        objectives' drift can be compared (per token it would be ≈ 1/response-length smaller).
     """
     if token_logp.dim() != 2:
         raise ValueError(f"token_logp must have shape [N, T]; got {tuple(token_logp.shape)}")
@@ -175,7 +177,8 @@ def grpo_loss(
         raise ValueError(f"ratio must be one of 'token', 'sequence', 'truncated'; got {ratio!r}")
 
     with torch.no_grad():
-        metrics["kl_k1"] = _masked_sum(-log_ratio.detach(), mask) / n_valid_tok.clamp(min=1).to(log_ratio.dtype)
+        n_seq = mask.any(dim=1).sum().clamp(min=1).to(log_ratio.dtype)
+        metrics["kl_k1"] = _masked_sum(-log_ratio.detach(), mask) / n_seq  # per sequence, like OAPL's
     return loss, metrics
 
 
