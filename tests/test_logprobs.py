@@ -93,7 +93,9 @@ def _tp2_rank(rank: int, port: int, q) -> None:
         logp, entropy = token_logprobs_and_entropy(x, targets, VOCAB, rank * half, dist.group.WORLD,
                                                    chunk_bytes=4 * half * 4)
         (logp * weights).sum().backward()
-        q.put((rank, logp.detach(), entropy, x.grad))
+        # numpy arrays pickle by value; torch tensors on a multiprocessing queue travel as file descriptors that a
+        # rank which has already exited can no longer hand over (FileNotFoundError in the parent, seen in CI)
+        q.put((rank, logp.detach().numpy(), entropy.numpy(), x.grad.numpy()))
     finally:
         dist.destroy_process_group()
 
@@ -105,7 +107,7 @@ def test_tp2_matches_float64():
     procs = [ctx.Process(target=_tp2_rank, args=(r, port, q)) for r in (0, 1)]
     for p_ in procs:
         p_.start()
-    got = dict((r, rest) for r, *rest in (q.get(timeout=120) for _ in procs))
+    got = {r: [torch.from_numpy(a) for a in rest] for r, *rest in (q.get(timeout=120) for _ in procs)}
     for p_ in procs:
         p_.join(timeout=30)
         assert p_.exitcode == 0
