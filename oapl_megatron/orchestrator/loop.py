@@ -116,8 +116,11 @@ def run(cfg: RunConfig) -> dict:
                     driver.log.step(step, metrics)
                 last = metrics
             prof.after_step(step)
-            if schedule.should_sync(step) and not last_step and _preemption_requested(tr):
-                _checkpoint_and_exit(tr, driver, step, saved="checkpoint_s" in metrics)
+            if schedule.should_sync(step) and not last_step:
+                with prof.phase("bookkeeping"):  # a collective: booked to the next step, like logging
+                    preempt = _preemption_requested(tr)
+                if preempt:
+                    _checkpoint_and_exit(tr, driver, step, saved="checkpoint_s" in metrics)
         if cfg.export.final_hf:
             export_hf(tr, Path(cfg.run_dir) / "final_hf", driver)
     finally:

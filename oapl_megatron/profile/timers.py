@@ -26,7 +26,7 @@ import torch
 # The phases the loop reports, in the order of a step; oapl-profile run plots them in this order.
 PHASES = ("wait_for_data", "batch_build", "batch_broadcast", "ref_logp", "trainer_fwd_bwd", "optimizer",
           "weight_gather", "weight_broadcast", "engine_load", "sync_other", "checkpoint", "evaluation", "bookkeeping",
-          "logging", "trace_export")
+          "logging", "tracing")
 
 
 class PhaseTimer:
