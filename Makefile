@@ -16,7 +16,7 @@ demo: setup
 
 test: setup
 	@start=$$(date +%s); \
-	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest tests --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	echo "[make test] total time: $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
 
 test-fast: setup
