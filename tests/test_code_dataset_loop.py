@@ -17,10 +17,10 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from dist_util import REPO, run_torchrun
+from tiny_policy import warm_started_policy
 
 STEPS, LAG, P, G = 4, 2, 4, 4
 ALPHABET = "0123456789+-*=,.:;()[]'\"_ \n#`?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -62,10 +62,7 @@ def _task_section(train: str, held_out: str) -> dict:
 
 def _policy(out: Path, task_cfg: dict) -> Path:
     """A tiny Qwen3 trained on the task's own prompts (the rendering the engine will be given)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     from oapl_megatron.config.code import CodeDatasetTaskConfig
-    from oapl_megatron.orchestrator.warmstart import warm_start
     from oapl_megatron.tasks.code_dataset import CodeDatasetTask
     from oapl_megatron.tasks.synthetic_code import SFTExample
     from oapl_megatron.tasks.tokenizer import build_char_tokenizer
@@ -82,16 +79,7 @@ def _policy(out: Path, task_cfg: dict) -> Path:
         else:
             program = f"```python\n{WRONG_MAX if op == 'max' and int(i) % 2 else STDIN_PROGRAM[op]}\n```"
         examples.append(SFTExample(p, program, None))
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=320,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = Qwen3ForCausalLM(cfg)
-    warm_start(model, tok, examples, steps=300, batch_size=32, lr=3e-3, log=None)
-    model.save_pretrained(out)
-    return out
+    return warm_started_policy(out, tok, examples, max_positions=320)
 
 
 @pytest.mark.slow

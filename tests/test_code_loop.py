@@ -19,9 +19,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from dist_util import REPO, run_torchrun
+from tiny_policy import warm_started_policy
 
 MARKER = "oapl_esc_t"
 ATTACKS = {
@@ -37,10 +37,7 @@ STEPS, LAG, P, G = 4, 2, 5, 4
 
 def _hostile_policy(out: Path) -> Path:
     """A tiny Qwen3 that writes the correct program for ``sum`` prompts and an attack for every other one."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     from oapl_megatron.config.code import SyntheticCodeTaskConfig
-    from oapl_megatron.orchestrator.warmstart import warm_start
     from oapl_megatron.tasks.synthetic_code import CODE_ALPHABET, SyntheticCodeTask, SFTExample
     from oapl_megatron.tasks.tokenizer import build_char_tokenizer
 
@@ -50,16 +47,7 @@ def _hostile_policy(out: Path) -> Path:
     for ex in task.sft_examples(1500, seed=0, noise_frac=0.0):
         op = ex.prompt.meta["op"]
         examples.append(SFTExample(ex.prompt, ATTACKS.get(op, ex.completion), None))
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = Qwen3ForCausalLM(cfg)
-    warm_start(model, tok, examples, steps=300, batch_size=32, lr=3e-3, log=None)
-    model.save_pretrained(out)
-    return out
+    return warm_started_policy(out, tok, examples, max_positions=256)
 
 
 def _sandbox_uid_processes(uid_base: int, slots: int) -> list:
